@@ -1,0 +1,3 @@
+from eym.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real-footage folder and the tiny random-weight bundle.
+
+Tests run offline: HF_HUB_OFFLINE=1 and telemetry off are set before anything imports.
+EYM_HOME points at a per-session temporary folder so tests never touch a user's cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIA = Path(os.environ.get("EYM_MEDIA", REPO.parent / "shared" / "media"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eym_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("eym_home")
+    os.environ["EYM_HOME"] = str(home)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def media() -> Path:
+    """``../shared/media``; tests that use it skip cleanly where it is absent."""
+    if not (MEDIA / "README.md").exists():
+        pytest.skip(f"real footage not found at {MEDIA}")
+    return MEDIA
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The tiny SD-1.5-shaped bundle, built once per test session."""
+    from eym.models import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_bundle):
+    """Components loaded from the tiny bundle through the real ``from_pretrained`` path (CPU, fp32)."""
+    from eym.models import load_components
+
+    return load_components(str(tiny_bundle), dtype=None, device="cpu")
