@@ -60,6 +60,154 @@ def _run_tiny(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# preprocess: video -> frames, skeletons, masks, keypoints (issue 2, preprocessing)
+# ---------------------------------------------------------------------------------------------
+@_command("preprocess", "sample frames of a video, detect the person's pose and mask, write them to a folder")
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="video file (mp4, mov, webm, avi, gif, ...) or folder of numbered frames")
+    p.add_argument("--out", required=True, help="folder to write frames/, skeletons/, masks/, keypoints.json, preview.png, *.mp4")
+    p.add_argument("--frames", type=int, default=8, help="number of frames to sample (default 8)")
+    p.add_argument("--size", type=int, default=512, help="output side S, a multiple of 8 (default 512)")
+    p.add_argument("--start", type=int, default=0, help="first source frame, 0-based (default 0)")
+    p.add_argument("--stride", type=int, default=None, help="take every N-th frame (default: spread frames over the whole video)")
+    p.add_argument("--pose", choices=("auto", "mediapipe", "openpose"), default="auto", help="pose backend (default auto)")
+    p.add_argument("--mask", choices=("mediapipe", "rembg"), default="mediapipe", help="person mask backend (default mediapipe)")
+    p.add_argument("--resize", choices=("crop", "pad"), default="crop", help="fit to SxS by centre crop or padding (default crop)")
+    p.add_argument("--no-masks", action="store_true", help="skip person masks (enough for a reference video)")
+
+
+@_runner("preprocess")
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from eym.preprocess import PreprocessConfig, preprocess
+
+    config = PreprocessConfig(
+        num_frames=args.frames,
+        size=args.size,
+        start=args.start,
+        stride=args.stride,
+        resize_mode=args.resize,
+        pose=args.pose,
+        mask=args.mask,
+    )
+    clip = preprocess(args.video, config, out_dir=args.out, with_masks=not args.no_masks, progress=not args.quiet)
+    log = logging.getLogger("eym")
+    log.info("%d frames at %.3g fps, content hash %s", clip.num_frames, clip.fps, clip.content_hash[:12])
+    if clip.missing:
+        log.warning("no person found in frame(s) %s; they were filled from the nearest frame", clip.missing)
+    print(args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cache: list and clear job folders and caches under EYM_HOME (issue 7, reliability)
+# ---------------------------------------------------------------------------------------------
+@_command("cache", "list or clear job folders and caches (preprocessed clips, tuned weights)")
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "clear"], help="list entries, or remove those not in use")
+    p.add_argument("--older-than", metavar="AGE", help="clear: only entries unused for AGE (e.g. 30m, 12h, 7d)")
+    p.add_argument("--max-gb", type=float, metavar="GB", help="clear: evict least recently used until under GB")
+    p.add_argument("--root", action="append", metavar="DIR", help="folder(s) to manage (default: all under EYM_HOME)")
+
+
+@_runner("cache")
+def _run_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from eym import jobs
+
+    roots = args.root or jobs.default_roots()
+    if args.action == "list":
+        if args.older_than or args.max_gb is not None:
+            raise EymError("--older-than and --max-gb apply to 'eym cache clear'; drop them for 'list'")
+        entries = jobs.list_entries(roots)
+        now = time.time()
+        for e in entries:
+            age_h = (now - e.last_used) / 3600
+            print(f"{e.kind:<11} {e.path.name:<40} {e.size / 2**20:9.1f} MB  {age_h:7.1f} h ago  {e.state}")
+        total = sum(e.size for e in entries)
+        print(f"{len(entries)} entries, {total / 2**30:.2f} GB in {', '.join(str(r) for r in roots)}")
+        return 0
+    if args.max_gb is not None and args.max_gb < 0:
+        raise EymError(f"--max-gb {args.max_gb} must be >= 0")
+    removed = []
+    if args.older_than:
+        removed += jobs.clear(roots, older_than_s=jobs.parse_duration(args.older_than))
+    if args.max_gb is not None:
+        removed += jobs.enforce_cap(int(args.max_gb * 2**30), roots)
+    if not args.older_than and args.max_gb is None:
+        removed += jobs.clear(roots)
+    kept = [e for e in jobs.list_entries(roots) if e.in_use]
+    print(f"removed {len(removed)} entries ({sum(e.size for e in removed) / 2**20:.1f} MB)")
+    if kept:
+        print(f"kept {len(kept)} in use by a running job")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval: the paper's metrics and ours for one edited video (issue 5, evaluation)
+# ---------------------------------------------------------------------------------------------
+def _add_eval_settings(p: argparse.ArgumentParser) -> None:
+    """Metric settings shared by `eval` and `suite` (eym.metrics.EvalConfig)."""
+    g = p.add_argument_group("metrics")
+    g.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                   help="CLIP for TA/TC: hub id (local cache only) or folder (default: %(default)s)")
+    g.add_argument("--pose", default="auto", help="pose backend for motion alignment: auto|mediapipe|openpose")
+    g.add_argument("--mask", default="mediapipe", help="person-mask backend for background metrics: mediapipe|rembg")
+    g.add_argument("--pck-threshold", type=float, default=0.1, help="PCK radius, fraction of the reference bbox size")
+    g.add_argument("--metrics", default="clip,lpips,motion,background,temporal",
+                   help="comma-separated metric groups (default: all)")
+    g.add_argument("--eval-device", default="cpu", help="device for CLIP and LPIPS: cpu|cuda|auto")
+
+
+def _eval_config(args: argparse.Namespace):
+    from eym.metrics import EvalConfig
+
+    groups = tuple(g.strip() for g in args.metrics.split(",") if g.strip())
+    return EvalConfig(clip_model=args.clip_model, pose=args.pose, mask=args.mask, pck_threshold=args.pck_threshold,
+                      metrics=groups, device=args.eval_device)
+
+
+@_command("eval", "score an edited video: TA, TC, L-N, L-S (the paper's) + motion, background, stability")
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("edited", help="the edited video")
+    p.add_argument("--source", required=True, help="the source video or frame folder the edit started from")
+    p.add_argument("--reference", help="the reference video/folder, or a preset motion name (motion metrics)")
+    p.add_argument("--target-prompt", required=True, help="P_t, the prompt of the edit")
+    p.add_argument("--json", metavar="OUT", help="also write the full report (values, reasons, settings) here")
+    s = p.add_argument_group("sampling (pass the edit's values)")
+    s.add_argument("--frames", type=int, default=8, help="frames sampled from the source (default: %(default)s)")
+    s.add_argument("--size", type=int, default=512, help="side of the square frames (default: %(default)s)")
+    s.add_argument("--start", type=int, default=0, help="first source frame (default: %(default)s)")
+    s.add_argument("--stride", type=int, default=None, help="step between frames (default: spread over the video)")
+    s.add_argument("--resize-mode", default="crop", choices=["crop", "pad"], help="(default: %(default)s)")
+    s.add_argument("--retarget", action=argparse.BooleanOptionalAction, default=True,
+                   help="the edit retargeted the reference to the source person (the edit's default: on)")
+    _add_eval_settings(p)
+
+
+@_runner("eval")
+def _run_eval(args: argparse.Namespace) -> int:
+    from eym.cache import atomic_write_bytes
+    from eym.metrics import evaluate_files
+
+    report = evaluate_files(
+        args.edited, args.source, args.target_prompt, reference=args.reference, num_frames=args.frames,
+        size=args.size, start=args.start, stride=args.stride, resize_mode=args.resize_mode,
+        retarget=args.retarget, config=_eval_config(args),
+    )
+    said = set()  # a group's reason is printed once, not for each of its metrics
+    for name, metric in report.metrics.items():
+        value = "n/a" if metric.value is None else f"{metric.value:.4f}"
+        reason = metric.unavailable if metric.unavailable and metric.unavailable not in said else None
+        said.add(metric.unavailable)
+        print(f"{name:<11} {value}" + (f"   ({reason})" if reason else ""))
+    if args.json:
+        atomic_write_bytes(args.json, report.to_json().encode())
+        print(f"report written to {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # (further commands are added below, one section each)
 # ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,731 @@
+"""Gradio app for Edit-Your-Motion: give a source video and a motion, get the source person moving.
+
+The page walks a user through the method (docs/APP.md has screenshots and the API):
+
+1. a source video, and a motion: a reference video, a built-in preset, or a gallery pair;
+2. a preview of what preprocessing extracted (frames, skeletons, person masks, reference
+   skeletons retargeted to the source person), refreshed when frames/start/stride/size change;
+3. the subject and the two motions, composed into P_c, P_s, P_t (editable in "Advanced");
+4. one queued job, with one progress bar naming the stage, and a Cancel button;
+5. the edited video beside the source and the reference skeletons, with downloads.
+
+This file only wires the page to the ``eym`` library: preprocessing, prompts and editing are
+library calls, and the models are loaded once, in :func:`main`. ``import app`` loads no
+weights and reads no argv; :func:`build_demo` builds the page without launching it, from an
+``Editor`` (or anything with its ``edit`` method) or a factory that returns one.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before gradio is imported: it reads this at import time and would otherwise phone home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import eym  # noqa: E402  (turns the other libraries' telemetry off)
+from eym.errors import EymError  # noqa: E402
+
+logger = logging.getLogger("eym.app")
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE / "assets"
+DEFAULT_GALLERY = HERE / "examples"
+
+# The stages the library reports through callback(stage, step, total), in the order they run,
+# with the label the progress bar shows. One bar walks through all of them.
+STAGES: dict[str, str] = {
+    "preprocess": "Preprocessing",
+    "stage1": "Stage 1 - learning the person (RC-Attn)",
+    "stage2": "Stage 2 - learning motion and background",
+    "inversion": "DDIM inversion",
+    "sampling": "Two-branch sampling",
+    "decode": "Decoding",
+}
+MOTION_REFERENCE = "Reference video"
+MOTION_PRESET = "Preset motion"
+SIZES = (64, 128, 256, 384, 512)  # multiples of 64 keep SD's 8x latent grid even at every level
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """Per-process page options (never per request)."""
+
+    outputs_dir: Path  # every job writes to outputs_dir/<job id>/; the only folder served to users
+    gallery_dir: Path | None = None  # gallery folder or manifest; None hides the gallery
+    max_upload_mb: int = 200  # uploads over this are refused by the browser and the server
+    model_line: str | None = None  # "what is loaded", shown at the top; default from the editor
+    is_tiny: bool | None = None  # tiny random-weight bundle: shows the "results are noise" banner
+    defaults: dict[str, Any] = field(default_factory=dict)  # initial values of the controls
+
+
+def default_controls(is_tiny: bool) -> dict[str, Any]:
+    """Initial control values: the paper's settings, or seconds-long ones on the tiny bundle."""
+    if is_tiny:
+        return {"num_frames": 8, "size": 64, "stage1_steps": 2, "stage2_steps": 2, "ddim_steps": 3}
+    return {"num_frames": 8, "size": 512, "stage1_steps": 300, "stage2_steps": 300, "ddim_steps": 50}
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback when the user pressed Cancel."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Library calls (the only place the app touches eym's preprocessing and editing APIs)
+# ---------------------------------------------------------------------------------------------
+def _preprocess_config(num_frames: int, start: int, stride: int, size: int):
+    from eym.preprocess import PreprocessConfig
+
+    return PreprocessConfig(
+        num_frames=int(num_frames), size=int(size), start=int(start), stride=int(stride) if stride else None
+    )
+
+
+def check_upload(path: str | Path, config, limits) -> None:
+    """Probe an upload (size, container, codec, frame count) before any decoding work."""
+    from eym.probe import probe
+
+    needed = config.start + (config.num_frames - 1) * config.stride + 1 if config.stride else config.num_frames
+    probe(path, limits=limits, min_frames=needed)
+
+
+def load_source(path: str | Path, config, limits, *, callback=None):
+    """Probe, then preprocess the source (frames, keypoints, skeletons, masks); cached by content."""
+    from eym.preprocess import preprocess
+
+    check_upload(path, config, limits)
+    return preprocess(path, config, with_masks=True, callback=callback)
+
+
+def load_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *,
+                retarget: bool, callback=None):
+    """The reference clip: a preprocessed video (optionally retargeted) or a preset motion.
+
+    Args:
+        mode: :data:`MOTION_REFERENCE` or :data:`MOTION_PRESET`.
+        reference: path of the reference video (reference mode).
+        preset: preset name (preset mode).
+        source: the source ``Clip``; presets and retargeting take the source person's body.
+        config: the ``PreprocessConfig`` the source used (same frame count and size).
+        limits: ``ProbeLimits`` for the upload.
+        retarget: rescale the reference skeletons to the source person's bones and hip position.
+    Returns:
+        A ``Clip`` whose ``skeletons`` condition the editing branch.
+    """
+    from eym.pose import retarget as retarget_pose
+    from eym.preprocess import clip_from_keypoints, preprocess
+
+    if mode == MOTION_PRESET:
+        from eym.presets import preset_motion
+
+        if not preset:
+            raise EymError("choose a preset motion, or switch to 'Reference video'")
+        keypoints = preset_motion(preset, len(source.keypoints), source.keypoints)
+        return clip_from_keypoints(keypoints, config.size, source.fps)
+    if not reference:
+        raise EymError("upload a reference video (the motion to copy), or switch to 'Preset motion'")
+    check_upload(reference, config, limits)
+    clip = preprocess(reference, config, with_masks=False, callback=callback)
+    if retarget:
+        clip = clip_from_keypoints(retarget_pose(clip.keypoints, source.keypoints), config.size, clip.fps)
+    return clip
+
+
+def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
+    """P_c, P_s, P_t from the subject and the two motions; non-empty explicit prompts win."""
+    from eym.editor import derive_prompts
+    from eym.validate import check_prompt
+
+    subject = check_prompt(subject, what="subject description")
+    source_motion = check_prompt(source_motion, what="source motion")
+    target_motion = check_prompt(target_motion, what="target motion")
+    p_c = check_prompt(p_c, what="content prompt P_c")
+    p_s = check_prompt(p_s, what="source prompt P_s")
+    p_t = check_prompt(p_t, what="target prompt P_t")
+    if not (subject or p_c or p_s):
+        raise EymError("the subject description is empty: describe the person, e.g. 'A man in a white tai chi suit'")
+    prompts = derive_prompts(subject or None, source_motion or None, target_motion or None,
+                             content=p_c or None, source=p_s or None, target=p_t or None)
+    if not prompts.target:
+        raise EymError("the target motion is empty: say what the person should do, e.g. 'raising both arms'")
+    return prompts
+
+
+def edit_config(preprocess_config, *, seed: int, stage1_steps: int, stage2_steps: int, ddim_steps: int,
+                inject_fraction: float, inject_layers: str, retarget: bool):
+    """The library's ``EditConfig`` from the page's settings (one seed drives tuning and sampling)."""
+    from eym.config import from_dict
+    from eym.editor import EditConfig
+
+    return from_dict(EditConfig, {
+        "preprocess": preprocess_config,
+        "tune": {"steps1": int(stage1_steps), "steps2": int(stage2_steps), "seed": int(seed)},
+        "infer": {"ddim_steps": int(ddim_steps), "inject_steps": float(inject_fraction),
+                  "inject_layers": str(inject_layers), "retarget": bool(retarget), "seed": int(seed)},
+    }, where="app settings")
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float) -> Path:
+    from eym.video import write_mp4
+
+    return write_mp4(frames, path, fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview images
+# ---------------------------------------------------------------------------------------------
+def strip(frames: np.ndarray, *, height: int = 112, per_row: int = 8) -> np.ndarray:
+    """Frames side by side (wrapping every ``per_row``), scaled to ``height`` px, 4 px gaps.
+
+    Args:
+        frames: (F, H, W, 3) uint8.
+    Returns:
+        (rows * (height + 4) - 4, cols * (w + 4) - 4, 3) uint8 image.
+    """
+    import cv2
+
+    num, h, w = frames.shape[:3]
+    width = max(1, round(w * height / h))
+    cols = min(num, per_row)
+    rows = -(-num // per_row)
+    gap = 4
+    out = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap, 3), 255, np.uint8)
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, per_row)
+        tile = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+        out[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
+    return out
+
+
+def mask_overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The person in full colour, the background dimmed and tinted: what stage 1 trains on.
+
+    Args:
+        frames: (F, H, W, 3) uint8.  masks: (F, H, W) bool.
+    """
+    tint = np.array([40, 40, 70], np.float32)
+    dim = frames.astype(np.float32) * 0.25 + tint
+    m = masks[..., None]
+    return np.where(m, frames, dim).clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+class ProgressRelay:
+    """Turns the library's callback(stage, step, total) into one gr.Progress bar; checks Cancel."""
+
+    def __init__(self, progress: Callable[..., Any] | None, cancel: threading.Event):
+        self.progress = progress
+        self.cancel = cancel
+        self.seen: list[str] = []  # stages in the order they reported (for the status line)
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled()
+        if stage not in self.seen:
+            self.seen.append(stage)
+        order = list(STAGES)
+        index = order.index(stage) if stage in order else len(order) - 1
+        total = max(int(total), 1)
+        fraction = (index + min(step, total) / total) / len(order)
+        label = STAGES.get(stage, stage)
+        if self.progress is not None:
+            self.progress(fraction, desc=f"{label} ({step}/{total})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+def _resolve_editor(editor_or_factory: Any) -> Callable[[], Any]:
+    """A getter that returns the editor, calling a factory at most once (first request)."""
+    if hasattr(editor_or_factory, "edit"):
+        return lambda: editor_or_factory
+    lock = threading.Lock()
+    made: list[Any] = []
+
+    def get() -> Any:
+        with lock:
+            if not made:
+                made.append(editor_or_factory())
+            return made[0]
+
+    return get
+
+
+def _model_info(editor: Any) -> tuple[str, bool]:
+    components = getattr(editor, "components", None)
+    if components is None:
+        return "unknown model", False
+    try:
+        from eym.models import describe
+
+        line = describe(components)
+    except (ImportError, AttributeError):
+        line = f"{components.model_id} + ControlNet {components.controlnet_id}"
+    return line, bool(getattr(components, "is_tiny", False))
+
+
+def _header_html(model_line: str, is_tiny: bool) -> str:
+    banner = ""
+    if is_tiny:
+        banner = (
+            '<div id="tiny-banner" class="eym-banner">'
+            "<b>Demo mode: tiny random-weight model.</b> No Stable Diffusion weights were found, so "
+            "this app runs a tiny random model: everything works end to end, but the edited videos "
+            "are noise. To edit for real, start it with <code>--model</code> (a hub id, a diffusers "
+            "folder or a .safetensors file of SD 1.5) and <code>--controlnet</code> (openpose), or "
+            "set <code>EYM_MODEL</code> / <code>EYM_CONTROLNET</code>.</div>"
+        )
+    return (
+        '<div class="eym-header"><h1>Edit-Your-Motion</h1>'
+        "<p>One-shot video motion editing: keep the person and the background of the source video, "
+        "give them the motion of a reference video.</p>"
+        f'<p id="model-line" class="eym-model">Model: {_escape(model_line)}</p>'
+        f"{banner}</div>"
+    )
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def _prompts_markdown(prompts) -> str:
+    return (
+        f"**P_c** (content): {_escape(prompts.content)}  \n"
+        f"**P_s** (source): {_escape(prompts.source)}  \n"
+        f"**P_t** (target): {_escape(prompts.target)}"
+    )
+
+
+def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAULT_GALLERY,
+               outputs_dir: str | Path = "outputs", max_upload_mb: int = 200,
+               model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1) -> gr.Blocks:
+    """Build the page (no launch, no model loading).
+
+    Args:
+        editor_or_factory: an ``eym.editor.Editor`` (or any object with its ``edit`` method and a
+            ``components`` attribute), or a zero-argument factory returning one; a factory is
+            called once, on the first request that needs it.
+        gallery_dir: gallery folder or manifest (see ``eym.gallery``); ``None`` hides the gallery.
+        outputs_dir: folder for job outputs; the only folder the server lets users download from.
+        max_upload_mb: upload limit, shown next to the upload boxes.
+        model_line: the loaded model, shown at the top (default: from the editor's components).
+        is_tiny: show the tiny-model banner (default: from the editor's components).
+        concurrency: edits that may run at once (the rest wait in the queue, position shown).
+    Returns:
+        The ``gr.Blocks``; call ``.queue(...)`` and ``.launch(...)`` on it (``main`` does).
+    Raises:
+        EymError: the gallery manifest is invalid.
+    """
+    from eym.gallery import load_gallery
+    from eym.probe import ProbeLimits
+
+    limits = ProbeLimits(max_bytes=int(max_upload_mb) * 2**20)
+    get_editor = _resolve_editor(editor_or_factory)
+    outputs_dir = Path(outputs_dir).resolve()
+    gallery = load_gallery(gallery_dir) if gallery_dir is not None else None
+    if model_line is None or is_tiny is None:
+        # Only describe an editor that exists; a factory is not called just to label the page.
+        line, tiny = _model_info(editor_or_factory) if hasattr(editor_or_factory, "edit") else ("loading on first use", False)
+        model_line = model_line if model_line is not None else line
+        is_tiny = is_tiny if is_tiny is not None else tiny
+    defaults = default_controls(bool(is_tiny))
+    cancel_flags: dict[str, threading.Event] = {}  # session hash -> Cancel pressed (cache keyed per session)
+
+    def cancel_flag(request: gr.Request | None) -> threading.Event:
+        key = getattr(request, "session_hash", None) or "no-session"
+        return cancel_flags.setdefault(key, threading.Event())
+
+    # -- handlers (each gets everything it needs as arguments) ---------------------------------
+    def on_preview(source, mode, reference, preset, num_frames, start, stride, size, retarget):
+        if not source:
+            return None, None, None, None, "Upload a source video (or pick a demo pair) to see what the method will use."
+        try:
+            config = _preprocess_config(num_frames, start, stride, size)
+            src = load_source(source, config, limits)
+            ref_strip, ref_note = None, ""
+            if (mode == MOTION_PRESET and preset) or (mode == MOTION_REFERENCE and reference):
+                ref = load_motion(mode, reference, preset, src, config, limits, retarget=bool(retarget))
+                ref_strip = strip(ref.skeletons)
+                ref_note = f"; reference skeletons: {'preset ' + preset if mode == MOTION_PRESET else 'retargeted to the source' if retarget else 'as detected'}"
+        except EymError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        missing = f"; no person found in frame(s) {', '.join(map(str, src.missing))} (filled in)" if src.missing else ""
+        info = f"{len(src.frames)} frames at {src.fps:.3g} fps, {config.size}x{config.size}{missing}{ref_note}"
+        return strip(src.frames), strip(src.skeletons), strip(mask_overlay(src.frames, src.masks)), ref_strip, info
+
+    def on_prompts(subject, source_motion, target_motion, p_c, p_s, p_t):
+        try:
+            return _prompts_markdown(compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t))
+        except EymError as err:
+            return f"*{_escape(str(err))}*"
+
+    def on_gallery(name):
+        if gallery is None or not name:
+            return [gr.update()] * 10
+        try:
+            entry = gallery.get(name)
+            src, ref = stage_gallery_entry(entry, outputs_dir / "_gallery")
+        except EymError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return (
+            str(src),
+            MOTION_PRESET if entry.preset else MOTION_REFERENCE,
+            str(ref) if ref else None,
+            entry.preset or gr.update(),
+            entry.subject or entry.content_prompt or "",
+            entry.source_motion or "",
+            entry.target_motion or "",
+            entry.num_frames or gr.update(),
+            entry.start if entry.start is not None else gr.update(),
+            entry.stride if entry.stride is not None else gr.update(),
+        )
+
+    def on_cancel(request: gr.Request):
+        cancel_flag(request).set()
+        gr.Info("Cancelling: the job stops at its next step and leaves nothing behind.")
+
+    def on_edit(source, mode, reference, preset, num_frames, start, stride, size, retarget,
+                subject, source_motion, target_motion, p_c, p_s, p_t,
+                seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction, inject_layers,
+                request: gr.Request, progress=gr.Progress()):
+        flag = cancel_flag(request)
+        flag.clear()
+        relay = ProgressRelay(progress, flag)
+        try:
+            if not source:
+                raise EymError("upload a source video first (or pick a demo pair from the gallery)")
+            prompts = compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
+            config = _preprocess_config(num_frames, start, stride, size)
+            settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                                   ddim_steps=ddim_steps, inject_fraction=inject_fraction,
+                                   inject_layers=inject_layers, retarget=retarget)
+            relay("preprocess", 0, 2)
+            src = load_source(source, config, limits)
+            relay("preprocess", 1, 2)
+            ref = load_motion(mode, reference, preset, src, config, limits, retarget=bool(retarget))
+            relay("preprocess", 2, 2)
+            return run_job(get_editor(), src, ref, prompts, settings, outputs_dir, relay)
+        except JobCancelled:
+            raise gr.Error("Cancelled. Nothing was written; start again when ready.", print_exception=False) from None
+        except EymError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    # -- layout --------------------------------------------------------------------------------
+    with gr.Blocks(title="Edit-Your-Motion", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.HTML(_header_html(model_line, bool(is_tiny)))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                gr.Markdown("### 1. Source video: the person to keep")
+                source = gr.Video(label=f"Source video (up to {max_upload_mb} MB)", sources=["upload"],
+                                  elem_id="source-video", height=260)
+            with gr.Column(scale=1):
+                gr.Markdown("### 2. Motion: what they should do")
+                mode = gr.Radio([MOTION_REFERENCE, MOTION_PRESET], value=MOTION_REFERENCE, label="Motion from",
+                                elem_id="motion-mode")
+                reference = gr.Video(label=f"Reference video (up to {max_upload_mb} MB)", sources=["upload"],
+                                     elem_id="reference-video", height=200)
+                preset = gr.Dropdown(_preset_choices(), label="Preset motion", visible=False, elem_id="preset")
+                retarget = gr.Checkbox(value=True, label="Retarget the reference skeleton to the source person's body",
+                                       elem_id="retarget")
+        if gallery is not None and gallery.entries:
+            with gr.Row(elem_classes=["eym-gallery"]):
+                gallery_pick = gr.Dropdown(
+                    [(f"{e.title} ({e.motion_label})", e.name) for e in gallery.entries], value=None,
+                    label="Or start from a demo pair", elem_id="gallery-pick", scale=4)
+                gallery_load = gr.Button("Load demo pair", scale=1, elem_id="gallery-load")
+        else:
+            gallery_pick = gallery_load = None
+
+        with gr.Accordion("Frames", open=True):
+            with gr.Row():
+                num_frames = gr.Slider(2, 32, value=defaults["num_frames"], step=1, label="Frames", elem_id="num-frames")
+                start = gr.Number(value=0, precision=0, minimum=0, label="Start frame", elem_id="start")
+                stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = spread over the clip)", elem_id="stride")
+                size = gr.Dropdown(list(SIZES), value=defaults["size"], label="Resolution (px)", elem_id="size")
+        gr.Markdown("### What the method will use", elem_classes=["eym-section"])
+        preview_info = gr.Markdown("Upload a source video (or pick a demo pair) to see what the method will use.",
+                                   elem_id="preview-info")
+        with gr.Row():
+            src_frames = gr.Image(label="Source frames", interactive=False, elem_id="src-frames", height=140)
+            src_skeletons = gr.Image(label="Source skeletons", interactive=False, elem_id="src-skeletons", height=140)
+        with gr.Row():
+            src_masks = gr.Image(label="Person masks (stage 1 trains on the person only)", interactive=False,
+                                 elem_id="src-masks", height=140)
+            ref_skeletons = gr.Image(label="Target skeletons (drive the edit)", interactive=False,
+                                     elem_id="ref-skeletons", height=140)
+
+        gr.Markdown("### 3. Prompts", elem_classes=["eym-section"])
+        with gr.Row():
+            subject = gr.Textbox(label="Subject (P_c)", placeholder="A man in a white tai chi suit", elem_id="subject")
+            source_motion = gr.Textbox(label="Source motion", placeholder="is practicing tai chi in a garden",
+                                       elem_id="source-motion")
+            target_motion = gr.Textbox(label="Target motion", placeholder="is raising both arms in a garden",
+                                       elem_id="target-motion")
+        prompts_view = gr.Markdown(elem_id="prompts-view")
+        with gr.Accordion("Advanced: prompts and settings", open=False):
+            with gr.Row():
+                p_c = gr.Textbox(label="P_c override", elem_id="p-c")
+                p_s = gr.Textbox(label="P_s override", elem_id="p-s")
+                p_t = gr.Textbox(label="P_t override", elem_id="p-t")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                stage1_steps = gr.Number(value=defaults["stage1_steps"], precision=0, minimum=0,
+                                         label="Stage 1 steps", elem_id="stage1-steps")
+                stage2_steps = gr.Number(value=defaults["stage2_steps"], precision=0, minimum=0,
+                                         label="Stage 2 steps", elem_id="stage2-steps")
+                ddim_steps = gr.Number(value=defaults["ddim_steps"], precision=0, minimum=1,
+                                       label="DDIM steps", elem_id="ddim-steps")
+                inject_fraction = gr.Slider(0.0, 1.0, value=1.0, step=0.05, elem_id="inject-fraction",
+                                            label="Key/value injection: fraction of the denoising steps")
+                inject_layers = gr.Dropdown(["all", "down", "mid", "up", "mid,up", "none"], value="all",
+                                            label="Key/value injection: layers", elem_id="inject-layers")
+
+        with gr.Row():
+            run = gr.Button("Edit motion", variant="primary", elem_id="run", scale=3)
+            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+        status = gr.Markdown(elem_id="status")
+        gr.Markdown("### 4. Result", elem_classes=["eym-section"])
+        with gr.Row():
+            out_source = gr.Video(label="Source (as processed)", interactive=False, elem_id="out-source")
+            out_edited = gr.Video(label="Edited", interactive=False, elem_id="out-edited", autoplay=True, loop=True)
+            out_skeleton = gr.Video(label="Target skeletons", interactive=False, elem_id="out-skeleton")
+        with gr.Row():
+            out_side = gr.Video(label="Side by side: source | target skeletons | edited", interactive=False,
+                                elem_id="out-side")
+            downloads = gr.File(label="Downloads", interactive=False, file_count="multiple", elem_id="downloads")
+
+        # -- events --------------------------------------------------------------------------------
+        mode.change(lambda m: (gr.update(visible=m == MOTION_REFERENCE), gr.update(visible=m == MOTION_PRESET),
+                               gr.update(visible=m == MOTION_REFERENCE)),
+                    mode, [reference, preset, retarget], queue=False, api_visibility="private")
+        preview_inputs = [source, mode, reference, preset, num_frames, start, stride, size, retarget]
+        preview_outputs = [src_frames, src_skeletons, src_masks, ref_skeletons, preview_info]
+        preview_kw = dict(fn=on_preview, inputs=preview_inputs, outputs=preview_outputs, concurrency_id="preview",
+                          concurrency_limit=2, trigger_mode="always_last", show_progress="minimal")
+        gr.on([source.change, reference.change, preset.change, mode.change, num_frames.release, start.submit,
+               stride.submit, size.change, retarget.change], api_name="preview", **preview_kw)
+        prompt_inputs = [subject, source_motion, target_motion, p_c, p_s, p_t]
+        gr.on([c.change for c in prompt_inputs], fn=on_prompts, inputs=prompt_inputs, outputs=prompts_view,
+              queue=False, api_name="prompts", show_progress="hidden")
+        if gallery_load is not None:
+            gallery_load.click(on_gallery, gallery_pick,
+                               [source, mode, reference, preset, subject, source_motion, target_motion,
+                                num_frames, start, stride], api_name="gallery", concurrency_id="preview")
+        edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction,
+                                                          inject_layers]
+        edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
+                               api_name="edit", concurrency_id="gpu", concurrency_limit=concurrency, show_progress_on=[out_edited, status])
+        cancel.click(on_cancel, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+    return demo
+
+
+def _preset_choices() -> list[tuple[str, str]]:
+    from eym.presets import PRESETS
+
+    return [(f"{name} - {description}", name) for name, description in PRESETS.items()]
+
+
+def stage_gallery_entry(entry, cache_dir: Path) -> tuple[Path, Path | None]:
+    """Copy (or, for a frame folder, encode) a gallery pair into ``cache_dir`` so the page may serve it.
+
+    The server only serves files from the outputs folder, and a browser cannot play a frame
+    folder; a per-entry copy under outputs/_gallery solves both. Written atomically, reused after.
+    """
+    from eym.cache import building, load_entry
+
+    folder = cache_dir / entry.name
+    names = {"source": entry.source, "reference": entry.reference}
+    if load_entry(folder) is None:
+        with building(folder, meta={"entry": entry.name}) as tmp:
+            for role, path in names.items():
+                if path is None:
+                    continue
+                if path.is_dir():
+                    from eym.video import read_video
+
+                    video = read_video(path, num_frames=None, size=None)
+                    write_video(video.frames, tmp / f"{role}.mp4", video.fps)
+                else:
+                    shutil.copyfile(path, tmp / f"{role}{path.suffix.lower()}")
+    found = {p.stem: p for p in folder.iterdir() if p.stem in names}
+    return found["source"], found.get("reference")
+
+
+def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, relay: ProgressRelay):
+    """Run one edit in a fresh, locked job folder (``eym.jobs``); a failed or cancelled job's
+    folder is removed, so only complete results stay in the outputs folder.
+
+    Returns:
+        The values of the result components: edited, source, skeleton, side-by-side videos,
+        the download list and the status line.
+    """
+    from eym.jobs import new_job, oom_guard
+
+    job = new_job(outputs_dir)
+    started = time.perf_counter()
+    try:
+        with oom_guard(frames=len(source.frames), size=source.frames.shape[1]):
+            result = editor.edit(source, reference, prompts, settings, out_dir=job.folder, callback=relay)
+        source_mp4 = write_video(source.frames, job.path("source.mp4"), source.fps)
+        skeleton_mp4 = write_video(reference.skeletons, job.path("target_skeletons.mp4"), source.fps)
+    except BaseException:
+        job.finish(ok=False)
+        shutil.rmtree(job.folder, ignore_errors=True)
+        raise
+    job.finish(ok=True)
+    seconds = time.perf_counter() - started
+    reused = ("Reused the tuned weights for this source (no tuning this time)." if result.reused_tuning else
+              "Tuned on this source; the next edit of it (another reference or target prompt) reuses these weights.")
+    status = f"Done in {seconds:.1f} s. {reused} Saved to `{job.id}`."
+    logger.info("job %s done in %.1f s (reused tuning: %s)", job.id, seconds, result.reused_tuning)
+    video, side = str(result.video), str(result.side_by_side)
+    return video, str(source_mp4), str(skeleton_mp4), side, [video, side], status
+
+
+# ---------------------------------------------------------------------------------------------
+# Health check and launch
+# ---------------------------------------------------------------------------------------------
+def health_routes(demo: gr.Blocks) -> list:
+    """``GET /healthz`` -> ``{"status": "ok", "queue": <events waiting>}`` (for load balancers)."""
+    from fastapi.routing import APIRoute
+
+    def healthz() -> dict[str, Any]:
+        queue = getattr(demo, "_queue", None)
+        return {"status": "ok", "queue": len(queue) if queue is not None else 0}
+
+    return [APIRoute("/healthz", healthz, methods=["GET"])]
+
+
+def load_css() -> str:
+    return (ASSETS / "app.css").read_text(encoding="utf-8") if (ASSETS / "app.css").is_file() else ""
+
+
+def theme() -> gr.themes.Base:
+    # System fonts: the stock themes fetch Google Fonts, an outbound call from every visitor.
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
+                          font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Edit-Your-Motion web app (Gradio)")
+    parser.add_argument("--host", default=os.environ.get("EYM_HOST", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 in Docker); default 127.0.0.1 or $EYM_HOST")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("EYM_PORT", "7860")), help="default 7860")
+    parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
+    parser.add_argument("--concurrency", type=int, default=1, help="edits running at once (default 1: one GPU job)")
+    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
+    parser.add_argument("--outputs", default=os.environ.get("EYM_OUTPUTS", "outputs"),
+                        help="folder for job outputs, the only folder the server serves (default ./outputs)")
+    parser.add_argument("--gallery", default=str(DEFAULT_GALLERY),
+                        help="gallery folder or manifest (default examples/); 'none' hides the gallery")
+    parser.add_argument("--model", default=os.environ.get("EYM_MODEL"),
+                        help="SD 1.5: hub id, diffusers folder, .safetensors file or 'tiny' (or $EYM_MODEL); "
+                             "default: SD 1.5 from the local cache, else the tiny demo model")
+    parser.add_argument("--controlnet", default=os.environ.get("EYM_CONTROLNET"),
+                        help="openpose ControlNet: hub id, folder or file (or $EYM_CONTROLNET)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                        help="weight dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    for name in ("queue_size", "concurrency", "max_upload_mb"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be 1-65535, got {args.port}")
+    return args
+
+
+def load_editor(model: str | None, controlnet: str | None, device: str | None, dtype: str):
+    """Load the components once and wrap them in an Editor.
+
+    With no ``--model`` (and no ``$EYM_MODEL``), SD 1.5 is taken from the local cache if it is
+    there, else the tiny random-weight bundle (the page then says results are noise). An
+    explicitly named model that cannot be loaded is an error.
+    """
+    import torch
+
+    from eym.editor import Editor
+    from eym.models import DEFAULT_MODEL, TINY, load_components
+
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if model is None:
+        try:
+            components = load_components(DEFAULT_MODEL, controlnet, dtype=torch_dtype, device=device)
+        except EymError as err:
+            logger.warning("no Stable Diffusion weights available (%s); starting on the tiny demo model", err)
+            components = load_components(TINY, None, dtype=torch_dtype, device=device)
+    else:
+        components = load_components(model, controlnet, dtype=torch_dtype, device=device)
+    return Editor(components)
+
+
+def launch_demo(demo: gr.Blocks, *, host: str, port: int, outputs_dir: Path, max_upload_mb: int,
+                queue_size: int = 20, concurrency: int = 1, block: bool = True, quiet: bool = False):
+    """Queue and serve a built page: no share link, uploads capped, only ``outputs_dir`` served.
+
+    Returns:
+        What ``gr.Blocks.launch`` returns; with ``block=False`` the server runs in a thread
+        (tests) and ``demo.close()`` stops it.
+    """
+    demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        max_file_size=f"{max_upload_mb}mb",
+        allowed_paths=[str(outputs_dir)],
+        app_kwargs={"routes": health_routes(demo)},
+        theme=theme(),
+        css=load_css(),
+        footer_links=["api"],
+        ssr_mode=False,
+        mcp_server=False,
+        show_error=True,
+        quiet=quiet,
+        prevent_thread_lock=not block,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, load the models once, build the page, queue it and serve it."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    outputs = Path(args.outputs).expanduser().resolve()
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        from eym.cache import clean_stale_tmp
+
+        clean_stale_tmp(outputs)  # leftovers of jobs killed mid-way in an earlier run
+        editor = load_editor(args.model, args.controlnet, args.device, args.dtype)
+        gallery = None if args.gallery.lower() == "none" else args.gallery
+        demo = build_demo(editor, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
+                          concurrency=args.concurrency)
+    except EymError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    launch_demo(demo, host=args.host, port=args.port, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
+                queue_size=args.queue_size, concurrency=args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,527 @@
+"""The Editor: tune once per source video, then edit it with any reference motion.
+
+This is the API the CLI, the app, the suite and batch share. An edit is
+
+1. preprocess the source (frames, skeletons, masks) and the reference (skeletons only), or take
+   a built-in preset motion as the reference (:mod:`eym.preprocess`, :mod:`eym.presets`);
+2. tune: DPL stage 1 + 2 on the source (:mod:`eym.tuning`), or reuse a cached result. The
+   result depends on the source, its prompts, the base model and the tuning settings, never on
+   the reference, so it is cached under a key of exactly those (``<cache_dir>/<key>/``:
+   ``tuned.safetensors`` with only the trained tensors, ``manifest.json``);
+3. infer: DDIM inversion of the source with the tuned model, then the reconstruction and the
+   editing branch side by side with key/value injection (:mod:`eym.sampling`);
+4. write the edited video, a side-by-side (source | reference skeleton | edited) and the
+   run's settings next to it.
+
+The Editor inflates the UNet once and keeps a CPU copy of the weights tuning starts from
+(SD's RC-Attn weights and the fresh temporal attention), so tuning source B after source A
+starts from SD, not from A's result; it swaps tuned tensors in and out per source.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, stable_hash
+from eym.config import to_dict
+from eym.errors import EymError
+from eym.tuning import TuneConfig, TuningData, tune_dpl
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+TUNED_FILE = "tuned.safetensors"
+TUNED_MANIFEST = "manifest.json"
+TUNED_KIND = "eym-tuned"
+# Bump when tuning changes what it computes: older cache entries then stop matching.
+TUNING_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompts:
+    """The paper's three prompts."""
+
+    content: str  # P_c: the subject alone, "A boy wearing black clothes and gray pants."
+    source: str  # P_s: P_c plus the source motion, "... is dancing."
+    target: str  # P_t: P_c plus the target motion, "... is playing basketball."
+
+
+# "is/are <verb>ing": where the motion phrase of a prompt starts
+_BE = {"is", "are"}
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _bare(word: str) -> str:
+    return re.sub(r"[^\w-]", "", word.lower())
+
+
+def _sentence(text: str) -> str:
+    """Collapse whitespace, capitalise the first letter, end with one period."""
+    text = " ".join(text.split()).rstrip(" .,;:")
+    if not text:
+        return ""
+    return text[0].upper() + text[1:] + "."
+
+
+def derive_content_prompt(source: str, target: str | None = None) -> str:
+    """P_c from P_s (and P_t): the subject, i.e. the words before the motion phrase.
+
+    Rule: the motion phrase starts at an "is/are <word>ing" of P_s; the last such one that P_s
+    and P_t still share word for word is taken (so "A girl who is wearing a dress is dancing" /
+    "... is jumping" gives "A girl who is wearing a dress."). Without an "-ing" word the last
+    shared "is/are" is used; failing that, P_s itself (minus its final period) is P_c.
+
+    Args:
+        source: P_s, e.g. "A boy in black is dancing on the beach."
+        target: P_t, optional; narrows the cut to the words both prompts share.
+
+    Returns:
+        P_c as a sentence, e.g. "A boy in black."
+    """
+    words = _words(source)
+    shared = len(words)
+    if target:
+        other = _words(target)
+        shared = 0
+        while shared < min(len(words), len(other)) and _bare(words[shared]) == _bare(other[shared]):
+            shared += 1
+    be = [i for i, w in enumerate(words) if i > 0 and _bare(w) in _BE and i <= shared]
+    verbs = [i for i in be if i + 1 < len(words) and _bare(words[i + 1]).endswith("ing")]
+    cut = (verbs or be or [None])[-1]
+    return _sentence(" ".join(words[:cut]) if cut is not None else source)
+
+
+def derive_prompts(
+    subject: str | None = None,
+    source_motion: str | None = None,
+    target_motion: str | None = None,
+    *,
+    content: str | None = None,
+    source: str | None = None,
+    target: str | None = None,
+) -> Prompts:
+    """Compose the three prompts, either from a subject and two motions or from whole prompts.
+
+    Two ways in (the app uses the first, the CLI the second):
+
+    - ``subject`` + ``source_motion`` + ``target_motion``: P_c = subject, P_s = "<subject> is
+      <source motion>.", P_t = "<subject> is <target motion>." ("is" is not doubled if the
+      motion already starts with "is"/"are").
+    - ``source`` + ``target`` (+ ``content``): whole prompts; a missing P_c is derived from P_s
+      and P_t by :func:`derive_content_prompt`.
+
+    Args:
+        subject: the subject alone, e.g. "A girl in a white dress".
+        source_motion: what the subject does in the source video, e.g. "dancing on the beach".
+        target_motion: what it should do instead; may be empty when only tuning.
+        content, source, target: whole prompts, overriding the composed ones.
+
+    Returns:
+        :class:`Prompts`; ``target`` may be "" (only :meth:`Editor.infer` needs it).
+
+    Raises:
+        EymError: neither a subject nor a source prompt.
+    """
+    if subject and subject.strip():
+        content = content or _sentence(subject)
+        source = source or (_sentence(_with_be(subject, source_motion)) if source_motion else content)
+        target = target or (_sentence(_with_be(subject, target_motion)) if target_motion else "")
+    if not (source and source.strip()):
+        raise EymError("no source prompt: give --source-prompt (e.g. 'A girl in a white dress is dancing.') or a subject")
+    source = " ".join(source.split())
+    target = " ".join((target or "").split())
+    content = " ".join(content.split()) if content and content.strip() else derive_content_prompt(source, target)
+    return Prompts(content=content, source=source, target=target)
+
+
+def _with_be(subject: str, motion: str) -> str:
+    motion = motion.strip()
+    first = _bare(motion.split()[0]) if motion else ""
+    return f"{subject.strip()} {motion}" if first in _BE else f"{subject.strip()} is {motion}"
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferConfig:
+    """Settings of inversion + two-branch sampling (the paper's defaults)."""
+
+    ddim_steps: int = 50  # DDIM steps of inversion and of sampling
+    guidance_scale: float = 1.0  # classifier-free guidance of the branches; 1.0 = none (the paper)
+    inject_layers: str = "all"  # RC-Attn layers where the editing branch sees the reconstruction's K/V: "all", "none", or e.g. "mid,up"
+    inject_steps: float | tuple[float, float] = 1.0  # denoising steps with injection: first fraction, or (start, end) fractions
+    injection_weighting: str = "balanced"  # "balanced": the two current-frame key blocks share one slot (edit = reconstruction when inputs match); "paper": Eq. 18 literally
+    retarget: bool = True  # fit the reference skeletons to the source person's size and position
+    controlnet_scale: float = 1.0  # strength of the ControlNet residuals
+    decode_chunk: int = 8  # frames per VAE encode/decode call (memory)
+    seed: int = 0  # seeds the VAE sampling of the source latents
+
+    def __post_init__(self) -> None:
+        if self.ddim_steps < 1:
+            raise EymError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
+        if self.guidance_scale < 1.0:
+            raise EymError(f"guidance_scale must be >= 1.0 (1.0 = no guidance), got {self.guidance_scale}")
+        window = self.inject_steps if isinstance(self.inject_steps, tuple) else (0.0, self.inject_steps)
+        if not 0.0 <= window[0] <= window[1] <= 1.0:
+            raise EymError(f"inject_steps must be a fraction in [0, 1] or a (start, end) pair within it, got {self.inject_steps}")
+        if self.injection_weighting not in ("balanced", "paper"):
+            raise EymError(f"injection_weighting {self.injection_weighting!r} is not 'balanced' or 'paper'")
+        if self.decode_chunk < 1:
+            raise EymError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
+        parts = {p.strip() for p in self.inject_layers.split(",")}
+        if not (parts <= {"all", "none", "down", "mid", "up"}) or (len(parts) > 1 and parts & {"all", "none"}):
+            raise EymError(f"inject_layers {self.inject_layers!r}: use 'all', 'none' or a comma list of down, mid, up")
+
+    def inject_window(self) -> tuple[float, float]:
+        """(start, end) fractions of the denoising steps that inject."""
+        return self.inject_steps if isinstance(self.inject_steps, tuple) else (0.0, self.inject_steps)
+
+
+def _default_preprocess():
+    from eym.preprocess import PreprocessConfig
+
+    return PreprocessConfig()
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """All settings of one edit."""
+
+    preprocess: "PreprocessConfig" = field(default_factory=_default_preprocess)  # noqa: F821  frames, size, pose/mask backends
+    tune: TuneConfig = field(default_factory=TuneConfig)  # DPL tuning
+    infer: InferConfig = field(default_factory=InferConfig)  # inversion + sampling
+
+
+@dataclass
+class TunedWeights:
+    """A tuned model for one source: only the trained tensors, and what they were tuned from."""
+
+    path: Path  # the cache entry folder (tuned.safetensors, manifest.json)
+    manifest: dict  # base model, ControlNet, prompts, settings, source content hash, losses
+    reused: bool  # True when found in the cache (no tuning steps ran)
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def tensors_path(self) -> Path:
+        return self.path / TUNED_FILE
+
+
+@dataclass
+class EditResult:
+    """What :meth:`Editor.edit` wrote and returns."""
+
+    video: Path  # the edited video (H.264 yuv420p mp4, the source's fps)
+    side_by_side: Path  # source | reference skeleton | edited
+    settings: Path  # the run's settings and prompts (JSON)
+    reused_tuning: bool  # the tuned weights came from the cache
+    frames: np.ndarray  # (F, H, W, 3) uint8, the edited frames
+
+
+# ---------------------------------------------------------------------------------------------
+# the Editor
+# ---------------------------------------------------------------------------------------------
+# Per UNet: the CPU copy of the tensors tuning starts from, and the key of the tuned tensors it
+# holds now. Kept per model object (not per Editor) so that two Editors over one set of
+# components never take each other's tuned weights for the base weights.
+_BASE_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+class Editor:
+    """Tune and edit with one set of loaded components.
+
+    Args:
+        components: :class:`eym.models.Components`; the UNet is inflated in place (once).
+        cache_dir: where tuned weights are cached; default ``eym_home()/"tuned"``.
+        disable_progress: turn the tqdm bars off (callbacks still fire).
+    """
+
+    def __init__(self, components, *, cache_dir: str | Path | None = None, disable_progress: bool = False):
+        from eym.env import eym_home
+        from eym.spacetime import inflate, rc_attn_parameters, temporal_parameters
+
+        self.components = components
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else eym_home() / "tuned"
+        self.disable_progress = disable_progress
+        unet = components.unet
+        inflate(unet)
+        if unet not in _BASE_WEIGHTS:
+            trained = {**rc_attn_parameters(unet), **temporal_parameters(unet)}
+            _BASE_WEIGHTS[unet] = {name: p.detach().to("cpu", copy=True) for name, p in trained.items()}
+            _LOADED[unet] = None
+        self._model_fingerprint = _model_fingerprint(components)
+
+    # -- tuning ------------------------------------------------------------------------------
+    def tuned_key(self, source, prompts: Prompts, config: TuneConfig) -> str:
+        """The cache key of tuning ``source``: content hash, models, P_c, P_s, settings. No reference."""
+        c = self.components
+        masked = config.mask_background and getattr(source, "masks", None) is not None
+        return stable_hash(
+            {
+                "version": TUNING_VERSION,
+                "source": source.content_hash,
+                "shape": list(np.asarray(source.frames).shape),
+                "masked": masked,
+                "model": c.model_id,
+                "controlnet": c.controlnet_id,
+                "weights": self._model_fingerprint,
+                "content_prompt": prompts.content,
+                "source_prompt": prompts.source,
+                "tune": config.result_key(),
+            }
+        )[:32]
+
+    def find_tuned(self, source, prompts: Prompts, config: TuneConfig) -> TunedWeights | None:
+        """The cached tuned weights of this source and settings, or ``None`` (damaged ones are removed)."""
+        entry = self.cache_dir / self.tuned_key(source, prompts, config)
+        cached = load_entry(entry)
+        if cached is None:
+            return None
+        try:
+            return self.open_tuned(entry, reused=True)
+        except EymError as err:
+            logger.warning("discarding tuned weights %s: %s", entry, err)
+            import shutil
+
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
+    def open_tuned(self, path: str | Path, *, reused: bool = True) -> TunedWeights:
+        """Open a tuned-weights folder, checking that it belongs to this base model.
+
+        Raises:
+            EymError: not a tuned folder, damaged, or tuned from another base model/ControlNet.
+        """
+        path = Path(path)
+        if load_entry(path) is None or not (path / TUNED_MANIFEST).is_file():
+            raise EymError(f"{path} is not an intact tuned-weights folder (missing or damaged files); tune again")
+        manifest = json.loads((path / TUNED_MANIFEST).read_text())
+        c = self.components
+        if manifest.get("kind") != TUNED_KIND or manifest.get("version") != TUNING_VERSION:
+            raise EymError(f"{path} is not a tuned-weights folder of this eym version; tune again")
+        if manifest.get("weights") != self._model_fingerprint or manifest.get("controlnet") != c.controlnet_id:
+            raise EymError(
+                f"{path} was tuned from {manifest.get('model')!r} + {manifest.get('controlnet')!r}, not the loaded "
+                f"{c.model_id!r} + {c.controlnet_id!r}; load that model or tune again"
+            )
+        return TunedWeights(path=path, manifest=manifest, reused=reused)
+
+    def tune(self, source, prompts: Prompts, config: TuneConfig = TuneConfig(), *, callback: ProgressCallback | None = None) -> TunedWeights:
+        """Tune the model on ``source`` (DPL stage 1 + 2), or reuse the cached result.
+
+        Args:
+            source: a :class:`eym.preprocess.Clip` (frames, skeletons, masks, content_hash).
+            prompts: P_c and P_s are used (P_t is not: one tuning serves every edit).
+            config: :class:`TuneConfig`.
+            callback: ``callback("stage1" | "stage2", step, total)``.
+
+        Returns:
+            :class:`TunedWeights`; ``reused`` says whether tuning ran. The UNet holds them afterwards.
+        """
+        _check_source(source, self.components.vae_scale_factor)
+        _check_prompt(prompts.content, "content prompt (P_c)")
+        _check_prompt(prompts.source, "source prompt (P_s)")
+        key = self.tuned_key(source, prompts, config)
+        found = self.find_tuned(source, prompts, config)
+        if found is not None:
+            logger.info("reusing tuned weights %s", found.path)
+            return found
+
+        c = self.components
+        unet = c.unet
+        self._restore_base()
+        started = time.perf_counter()
+        data = self._tuning_data(source, prompts, config)
+        partial = self.cache_dir / f".partial-{key}"
+        partial.mkdir(parents=True, exist_ok=True)
+        try:
+            result = tune_dpl(
+                unet, c.controlnet, c.scheduler, data, config,
+                checkpoint_dir=partial if config.checkpoint_every else None, fingerprint=key,
+                callback=callback, disable=self.disable_progress,
+            )
+        finally:
+            _LOADED[unet] = None  # whatever happened, the UNet no longer holds the base weights
+            del data
+            _free_memory(c.device)
+
+        manifest = {
+            "kind": TUNED_KIND,
+            "version": TUNING_VERSION,
+            "key": key,
+            "model": c.model_id,
+            "controlnet": c.controlnet_id,
+            "weights": self._model_fingerprint,
+            "prompts": {"content": prompts.content, "source": prompts.source},
+            "source": {
+                "content_hash": source.content_hash,
+                "path": str(getattr(source, "path", "") or ""),
+                "shape": list(np.asarray(source.frames).shape),
+            },
+            "tune": to_dict(config),
+            "tensors": len(result.tensors),
+            "values": int(sum(t.numel() for t in result.tensors.values())),
+            "final_loss": {f"stage{r['stage']}": r["loss"] for r in result.history},
+            "resumed_from": list(result.resumed_from) if result.resumed_from else None,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        entry = self.cache_dir / key
+        from safetensors.torch import save_file
+
+        with building(entry, meta={"kind": TUNED_KIND, "key": key}) as tmp:
+            save_file(result.tensors, str(tmp / TUNED_FILE), metadata={"key": key, "model": c.model_id})
+            atomic_write_json(tmp / TUNED_MANIFEST, manifest)
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        _LOADED[unet] = key
+        logger.info("tuned %s in %.1f s -> %s", source.content_hash[:12], manifest["seconds"], entry)
+        return TunedWeights(path=entry, manifest=manifest, reused=False)
+
+    def _tuning_data(self, source, prompts: Prompts, config: TuneConfig) -> TuningData:
+        """Everything constant during tuning, computed once: latents, embeddings, control images."""
+        from eym.sampling import encode_video
+
+        c = self.components
+        generator = torch.Generator().manual_seed(config.seed)
+        frames = np.asarray(source.frames)
+        with torch.no_grad():
+            latents = encode_video(c.vae, frames, generator=generator)  # (1, 4, F, h, w) z_0 = E(V)
+            masks = getattr(source, "masks", None)
+            if config.mask_background and masks is not None:
+                masked = frames * np.asarray(masks, dtype=bool)[..., None]  # Eq. 10: U_M = U * M
+                masked_latents = encode_video(c.vae, masked.astype(np.uint8), generator=generator)  # Eq. 11
+            else:
+                masked_latents = latents
+            embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.content, prompts.source])  # (2, 77, D)
+        return TuningData(
+            latents=latents,
+            masked_latents=masked_latents,
+            control_images=control_tensor(source.skeletons, c.device, c.dtype),
+            content_embeds=embeds[:1],
+            source_embeds=embeds[1:],
+        )
+
+    # -- tuned tensors in and out ------------------------------------------------------------
+    def _restore_base(self) -> None:
+        """Put the weights tuning starts from back (SD's RC-Attn, fresh temporal attention)."""
+        unet = self.components.unet
+        if _LOADED.get(unet) == "":
+            return
+        _assign_tensors(unet, _BASE_WEIGHTS[unet])
+        _LOADED[unet] = ""  # "" = base weights
+
+    def load_tuned(self, tuned: TunedWeights) -> None:
+        """Make the UNet hold ``tuned``'s tensors (no-op if it already does).
+
+        Raises:
+            EymError: the file is damaged or does not fit this model (then tune again).
+        """
+        unet = self.components.unet
+        if _LOADED.get(unet) == tuned.key:
+            return
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(tuned.tensors_path))
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise EymError(f"tuned weights {tuned.tensors_path} cannot be read ({type(err).__name__}); delete the folder and tune again") from None
+        base = _BASE_WEIGHTS[unet]
+        if set(tensors) != set(base):
+            raise EymError(f"tuned weights {tuned.tensors_path} do not match this model's layers; tune again")
+        _assign_tensors(unet, tensors)
+        _LOADED[unet] = tuned.key
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings, prompts longer than the tokenizer's limit truncated with a warning.
+
+    Args:
+        prompts: N strings.
+
+    Returns:
+        (N, 77, D) embeddings on the text encoder's device and dtype.
+    """
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        length = len(tokenizer(prompt, truncation=False).input_ids)
+        if length > limit:
+            logger.warning("prompt has %d tokens, more than %d; the end is cut off: %r", length, limit, prompt)
+    ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+    device = next(text_encoder.parameters()).device
+    with torch.no_grad():
+        return text_encoder(ids.to(device))[0]  # (N, 77, D) last hidden state, as SD 1.5 uses
+
+
+def control_tensor(skeletons: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Skeleton images (F, H, W, 3) uint8 -> ControlNet input (F, 3, H, W) in [0, 1]."""
+    images = torch.from_numpy(np.ascontiguousarray(skeletons)).to(device)
+    return images.permute(0, 3, 1, 2).to(dtype) / 255.0  # (F, 3, H, W)
+
+
+def _check_prompt(text: str, what: str) -> None:
+    if not (text and text.strip()):
+        raise EymError(f"the {what} is empty; describe the video in words, e.g. 'A girl in a white dress is dancing.'")
+
+
+def _check_source(clip, scale: int, what: str = "source") -> None:
+    """Frames, skeletons and masks must agree in shape; sides must be multiples of the VAE scale."""
+    frames = np.asarray(clip.frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise EymError(f"{what} frames must be (F, H, W, 3) uint8 with F >= 1, got {frames.shape} {frames.dtype}")
+    F, H, W, _ = frames.shape
+    if H % scale or W % scale:
+        raise EymError(f"{what} frames are {W}x{H}; use a size that is a multiple of {scale} (e.g. --size 512)")
+    if np.asarray(clip.skeletons).shape != frames.shape:
+        raise EymError(f"{what} skeletons {np.asarray(clip.skeletons).shape} do not match its frames {frames.shape}; preprocess it again")
+    masks = getattr(clip, "masks", None)
+    if masks is not None and np.asarray(masks).shape != (F, H, W):
+        raise EymError(f"{what} masks {np.asarray(masks).shape} do not match its frames {frames.shape}; preprocess it again")
+
+
+def _model_fingerprint(components) -> str:
+    """A cheap hash of a few weights: tells two base models apart even if loaded from one path."""
+    probes = [components.unet.conv_in.weight, components.unet.conv_out.weight, components.controlnet.conv_in.weight]
+    digest = b"".join(sha256_bytes(p.detach().float().cpu().numpy().tobytes()).encode() for p in probes)
+    return sha256_bytes(digest)[:16]
+
+
+def _assign_tensors(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    own = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in own or own[name].shape != value.shape:
+                raise EymError(f"tuned tensor {name} does not fit the loaded UNet; tune again with this model")
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+
+def _free_memory(device: torch.device) -> None:
+    """Give the memory of finished work back (tuning's activations and optimizer state) before the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,239 @@
+"""Evaluation suite: run a gallery of edit pairs through edit + eval, write tables and contact sheets.
+
+``eym suite MANIFEST --out DIR`` reads a gallery manifest (:mod:`eym.gallery`: source, reference
+video or preset, prompts, sampling hints per entry) and, for each pair:
+
+1. preprocesses source and reference with the suite's sampling (an entry's ``num_frames`` /
+   ``start`` / ``stride`` hints win over the suite's defaults),
+2. edits (:meth:`eym.editor.Editor.edit`; tuning is cached per source, so pairs that share a
+   source tune once),
+3. evaluates (:func:`eym.metrics.evaluate`) against the source frames and the reference
+   skeletons that drove the edit,
+4. draws a contact sheet: rows source / reference skeleton / edited, one column per frame.
+
+Each pair's results live in ``DIR/pairs/<name>/``, built atomically with a manifest
+(:func:`eym.cache.building`) whose key covers the entry, its input files and every setting.
+A second run reuses every pair whose key still matches and does no work for it; a pair killed
+half-way leaves only a ``.tmp-*`` folder and runs again. After all pairs, ``DIR/results.md``
+and ``DIR/results.csv`` hold the table in the paper's layout (Table 1: TA, TC, L-N, L-S, then
+the metrics beyond the paper), one row per pair and a mean row.
+
+Layout of ``DIR``::
+
+    results.md, results.csv, suite.json     table and the suite's settings
+    pairs/<name>/edited.mp4                 the edited video (plus the editor's other outputs)
+    pairs/<name>/metrics.json               eym.metrics.EvalReport
+    pairs/<name>/contact_sheet.png
+    pairs/<name>/MANIFEST.json              file hashes + the pair's key (resume)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path, load_entry, stable_hash
+from eym.errors import EymError
+from eym.metrics import METRICS, EvalConfig, EvalReport
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+PAIRS_DIR = "pairs"
+METRICS_FILE = "metrics.json"
+CONTACT_SHEET = "contact_sheet.png"
+EDITED_VIDEO = "edited.mp4"
+
+# Column headings of the table: the paper's four with their arrows, then ours.
+_HEADINGS = {
+    "TA": "TA ↑", "TC": "TC ↑", "L-N": "L-N ↓", "L-S": "L-S ↓",
+    "PCK": "PCK ↑", "MKD": "MKD ↓", "DET": "Det ↑",
+    "BG-PSNR": "BG-PSNR ↑", "BG-SSIM": "BG-SSIM ↑",
+    "MAFD": "MAFD", "MAFD-ratio": "MAFD ratio",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Contact sheet
+# ---------------------------------------------------------------------------------------------
+def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: int = 96) -> np.ndarray:
+    """Stack videos as labelled rows of frames: one row per video, one column per frame.
+
+    Args:
+        rows: label -> (F, H, W, 3) uint8 frames; every video has the same F.
+        cell: side of each (square) cell in pixels; frames are resized to fit it.
+        label_width: width of the label strip on the left.
+    Returns:
+        (len(rows) * cell, label_width + F * cell, 3) uint8 RGB image.
+    """
+    import cv2
+
+    counts = {label: len(v) for label, v in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise EymError(f"contact sheet rows have different frame counts {counts}")
+    strips = []
+    for label, frames in rows.items():
+        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
+        strip = np.full((cell, label_width, 3), 255, np.uint8)
+        scale = 0.4 * cell / 160
+        for i, word in enumerate(label.split()):  # one word per line keeps labels inside the strip
+            cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (0, 0, 0), 1, cv2.LINE_AA)
+        strips.append(np.concatenate([strip, *cells], axis=1))
+    return np.concatenate(strips, axis=0)
+
+
+def write_png(image: np.ndarray, path: Path) -> Path:
+    """Write an RGB uint8 image as PNG, atomically."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise EymError(f"could not encode {path.name} as PNG")
+    return atomic_write_bytes(path, data.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def _fmt(value: float | None, name: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if name in ("BG-PSNR", "MAFD") else f"{value:.3f}"
+
+
+def mean_row(reports: dict[str, EvalReport]) -> dict[str, float | None]:
+    """Mean of each metric over the pairs where it is available (None where it is nowhere)."""
+    means: dict[str, float | None] = {}
+    for name, _, _ in METRICS:
+        vals = [r.metrics[name].value for r in reports.values() if name in r.metrics]
+        vals = [v for v in vals if v is not None]
+        means[name] = float(np.mean(vals)) if vals else None
+    return means
+
+
+def _columns(reports: dict[str, EvalReport]) -> list[str]:
+    """The metric columns any report has, in table order."""
+    present = {n for r in reports.values() for n in r.metrics}
+    return [n for n, _, _ in METRICS if n in present]
+
+
+def table_markdown(reports: dict[str, EvalReport], sheets: dict[str, str] | None = None) -> str:
+    """The paper's Table 1 layout: one row per pair, then the mean; unavailable cells say n/a.
+
+    Args:
+        reports: pair name -> its report, in row order.
+        sheets: pair name -> contact sheet path relative to the table (linked under the table).
+    """
+    cols = _columns(reports)
+    lines = ["| Pair | " + " | ".join(_HEADINGS[c] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, report in reports.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(report.metrics[c].value, c) for c in cols) + " |")
+    means = mean_row(reports)
+    lines.append(f"| **mean ({len(reports)})** | " + " | ".join(_fmt(means[c], c) for c in cols) + " |")
+    reasons = {}
+    for report in reports.values():
+        for c in cols:
+            if report.metrics[c].unavailable:
+                reasons.setdefault(report.metrics[c].unavailable, []).append(c)
+    notes = [f"- n/a ({', '.join(sorted(set(v)))}): {k}" for k, v in reasons.items()]
+    if sheets:
+        notes += [f"- {name}: ![{name}]({path})" for name, path in sheets.items()]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def table_csv(reports: dict[str, EvalReport]) -> str:
+    """The same table as CSV: ``pair`` then one column per metric; unavailable cells are empty."""
+    cols = _columns(reports)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["pair", *cols])
+
+    def cell(v: float | None) -> str:
+        return "" if v is None else repr(float(v))
+
+    for name, report in reports.items():
+        writer.writerow([name, *(cell(report.metrics[c].value) for c in cols)])
+    means = mean_row(reports)
+    writer.writerow(["mean", *(cell(means[c]) for c in cols)])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the suite
+# ---------------------------------------------------------------------------------------------
+SUITE_VERSION = 1  # bump when a pair's outputs change meaning: earlier results stop matching
+
+
+@dataclass
+class PairOutcome:
+    """One pair of the suite: where its results are and whether this run computed them."""
+
+    name: str  # the gallery entry's name
+    folder: Path  # DIR/pairs/<name>
+    report: EvalReport | None  # None when the pair failed
+    reused: bool  # found complete from an earlier run: nothing ran for it
+    error: str | None = None  # the EymError message of a failed pair
+
+
+@dataclass
+class SuiteResult:
+    """What :func:`run_suite` wrote."""
+
+    pairs: list[PairOutcome]  # in manifest order
+    table_md: Path  # DIR/results.md
+    table_csv: Path  # DIR/results.csv
+    edits_run: int = 0  # pairs edited by this run (0 on a complete resume)
+
+    @property
+    def reports(self) -> dict[str, EvalReport]:
+        return {p.name: p.report for p in self.pairs if p.report is not None}
+
+
+def _entry_prompts(entry: Any) -> Any:
+    """The entry's P_c/P_s/P_t: explicit prompts win over ones composed from subject + motions."""
+    from eym.editor import derive_prompts
+
+    return derive_prompts(entry.subject, entry.source_motion, entry.target_motion, content=entry.content_prompt,
+                          source=entry.source_prompt, target=entry.target_prompt)
+
+
+def _pair_config(entry: Any, edit_config: Any) -> Any:
+    """The suite's edit settings with the entry's sampling hints applied (hints win)."""
+    from dataclasses import replace
+
+    hints = {k: getattr(entry, k) for k in ("num_frames", "start", "stride") if getattr(entry, k) is not None}
+    if not hints:
+        return edit_config
+    return replace(edit_config, preprocess=replace(edit_config.preprocess, **hints))
+
+
+def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig, model: str, controlnet: str | None) -> str:
+    """Everything a pair's results depend on: entry, input file contents, model, all settings."""
+    from eym.config import to_dict
+
+    return stable_hash({
+        "version": SUITE_VERSION,
+        "entry": {k: str(v) if isinstance(v, Path) else v for k, v in vars(entry).items()},
+        "source": hash_path(entry.source),
+        "reference": hash_path(entry.reference) if entry.reference is not None else None,
+        "model": model,
+        "controlnet": controlnet,
+        "edit": to_dict(edit_config),
+        "eval": to_dict(eval_config),
+    })

@@ -1,0 +1,412 @@
+"""Video in and out: read a video or a numbered-frame folder, sample frames, resize to SxS; write mp4.
+
+Reading goes through PyAV (FFmpeg's demuxers and decoders), so anything ffmpeg reads works:
+mp4, mov, webm, avi, mkv, gif. A folder of images is a video too; its frames are sorted by the
+number in their names (``frame_2`` before ``frame_10``) and play at :data:`FOLDER_FPS`.
+
+Sampling: ``num_frames`` frames spread evenly from ``start`` to the last frame, or every
+``stride``-th frame from ``start``. The sampled sequence keeps real time: its fps is the source
+fps divided by the (mean) step between taken frames.
+
+Writing: :func:`write_mp4` pipes raw RGB into the ffmpeg binary that imageio-ffmpeg ships and
+encodes H.264 yuv420p with ``+faststart``, the one mp4 flavour every browser plays; it writes
+under a temporary name and renames, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from eym.errors import EymError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+FOLDER_FPS = 8.0  # a frame folder carries no timing; 8 fps is what MotionEditor-style 8-frame clips use
+RESIZE_MODES = ("crop", "pad")
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What :func:`read_video` accepts before doing any decoding work (protects a shared server)."""
+
+    max_side: int = 4096  # longest side of the source frames, pixels
+    max_duration_s: float = 600.0  # source duration, seconds
+    max_source_frames: int = 36_000  # frames in the source (10 min at 60 fps)
+
+
+@dataclass
+class Video:
+    """Sampled, resized frames of one video.
+
+    Attributes:
+        frames: ``(F, H, W, 3)`` uint8 RGB.
+        fps: fps of the sampled sequence (``source_fps / step``), so it plays in real time.
+        source_fps: fps of the source video (:data:`FOLDER_FPS` for a frame folder).
+        indices: which source frames were taken, 0-based.
+        path: the file or folder read.
+    """
+
+    frames: np.ndarray
+    fps: float
+    source_fps: float
+    indices: list[int]
+    path: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a frame folder or a container file
+# ---------------------------------------------------------------------------------------------
+def _natural_key(path: Path) -> tuple:
+    """Sort key that orders the numbers inside names numerically: frame_2 < frame_10."""
+    parts = re.split(r"(\d+)", path.name)
+    return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in parts)
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a frame folder in numeric order.
+
+    Raises:
+        EymError: if the folder holds no images.
+    """
+    folder = Path(folder)
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise EymError(f"{folder}: folder has no image frames ({', '.join(IMAGE_SUFFIXES)}); point at a video or a folder of numbered frames")
+    return files
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise EymError(f"{path}: cannot read this image; re-save it as PNG or JPEG")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise EymError(f"{path}: no such file or folder; check the path")
+    if path.is_file() and path.stat().st_size == 0:
+        raise EymError(f"{path}: file is empty; upload or point at a real video")
+
+
+def _open(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise EymError(f"{path}: not a readable video ({type(err).__name__}); use a format ffmpeg reads (mp4, mov, webm, avi, gif)") from None
+    if not container.streams.video:
+        container.close()
+        raise EymError(f"{path}: has no video stream; use a file with video in it")
+    return container
+
+
+def _stream_fps(stream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and float(rate) > 0:
+            return float(rate)
+    return FOLDER_FPS
+
+
+def _count_packets(path: Path) -> int:
+    """Frame count for containers without one in their header (webm, some gifs): demux, don't decode."""
+    import av
+
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except av.FFmpegError as err:
+            raise EymError(f"{path}: video is damaged ({err}); re-encode it (e.g. with ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+
+
+def count_frames(path: str | os.PathLike) -> tuple[int, float]:
+    """Number of frames and fps of a video file or frame folder, without decoding pixels.
+
+    Args:
+        path: video file or folder of numbered frames.
+
+    Returns:
+        ``(frame count, fps)``; a folder reports :data:`FOLDER_FPS`. The count comes from the
+        container header when it has one, so it can be off by a frame for some files;
+        :func:`read_video` corrects for that.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        return len(list_frame_files(path)), FOLDER_FPS
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        count = int(stream.frames or 0)
+    if count <= 0:
+        count = _count_packets(path)
+    if count <= 0:
+        raise EymError(f"{path}: video has no frames; use a non-empty video")
+    return count, fps
+
+
+def _check_limits(path: Path, width: int, height: int, count: int, fps: float, limits: VideoLimits) -> None:
+    if max(width, height) > limits.max_side:
+        raise EymError(f"{path}: resolution {width}x{height} is above the limit of {limits.max_side} px; downscale the video first")
+    if count > limits.max_source_frames:
+        raise EymError(f"{path}: {count} frames is above the limit of {limits.max_source_frames}; trim the video first")
+    duration = count / fps
+    if duration > limits.max_duration_s:
+        raise EymError(f"{path}: {duration:.0f} s is longer than the limit of {limits.max_duration_s:.0f} s; trim the video first")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and geometry
+# ---------------------------------------------------------------------------------------------
+def sample_indices(total: int, num_frames: int | None, start: int = 0, stride: int | None = None) -> list[int]:
+    """Which source frames to take.
+
+    Args:
+        total: frames in the source.
+        num_frames: how many to take; ``None`` takes every ``stride``-th frame (default 1) to the end.
+        start: first source frame, 0-based.
+        stride: step between taken frames; ``None`` spreads ``num_frames`` evenly from ``start``
+            to the last frame.
+
+    Returns:
+        Increasing 0-based indices.
+
+    Raises:
+        EymError: if the source has too few frames for the request.
+    """
+    if num_frames is not None and num_frames < 1:
+        raise EymError(f"frames={num_frames}: ask for at least 1 frame")
+    if stride is not None and stride < 1:
+        raise EymError(f"stride={stride}: use a stride of at least 1")
+    if start < 0:
+        raise EymError(f"start={start}: use a start frame of 0 or more")
+    available = total - start
+    if available < 1:
+        raise EymError(f"start={start} is past the last frame ({total} frames); use a smaller start")
+    if num_frames is None:
+        return list(range(start, total, stride or 1))
+    if stride is None:
+        if num_frames > available:
+            raise EymError(f"asked for {num_frames} frames but only {available} are available from frame {start}; ask for fewer frames or a smaller start")
+        return [int(i) for i in np.round(np.linspace(start, total - 1, num_frames)).astype(int)]
+    last = start + stride * (num_frames - 1)
+    if last >= total:
+        raise EymError(f"{num_frames} frames with stride {stride} from frame {start} need {last + 1} frames, the video has {total}; lower frames, stride or start")
+    return list(range(start, last + 1, stride))
+
+
+def resize_square(image: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
+    """Fit one ``(H, W, C)`` image into ``size x size``.
+
+    ``crop`` scales the short side to ``size`` and cuts the long side in the middle; ``pad``
+    scales the long side to ``size`` and centres the image on black.
+    """
+    height, width = image.shape[:2]
+    scale = size / min(height, width) if mode == "crop" else size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    # INTER_AREA avoids aliasing when shrinking; cubic keeps edges when enlarging small clips.
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp) if (new_w, new_h) != (width, height) else image
+    if mode == "crop":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        return np.ascontiguousarray(resized[top : top + size, left : left + size])
+    out = np.zeros((size, size) + image.shape[2:], dtype=image.dtype)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def _apply_rotation(image: np.ndarray, degrees: int) -> np.ndarray:
+    """Phone videos store a display rotation instead of rotated pixels; apply it."""
+    turns = (-int(round(degrees / 90))) % 4  # PyAV reports counter-clockwise degrees
+    return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
+
+
+def _decode(path: Path, wanted: list[int], limits: VideoLimits) -> tuple[dict[int, np.ndarray], int]:
+    """Decode ``path`` sequentially and keep the ``wanted`` frames; also return how many were decoded."""
+    import av
+
+    keep = set(wanted)
+    last = max(wanted)
+    frames: dict[int, np.ndarray] = {}
+    decoded = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                decoded = index + 1
+                if index == 0:
+                    _check_limits(path, frame.width, frame.height, 0, 1.0, limits)
+                if index in keep:
+                    frames[index] = _apply_rotation(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0) or 0)
+                if index >= last:
+                    break
+        except av.FFmpegError as err:
+            if not frames:
+                raise EymError(f"{path}: video cannot be decoded ({err}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+            logger.warning("%s: decoding stopped early at frame %d (%s)", path, decoded, err)
+    return frames, decoded
+
+
+def read_video(
+    path: str | os.PathLike,
+    *,
+    num_frames: int | None = 8,
+    size: int | None = 512,
+    start: int = 0,
+    stride: int | None = None,
+    resize_mode: str = "crop",
+    limits: VideoLimits = VideoLimits(),
+) -> Video:
+    """Read, sample and resize a video file or a folder of numbered frames.
+
+    Args:
+        path: any video ffmpeg reads, or a folder of numbered images.
+        num_frames: frames to take (see :func:`sample_indices`); ``None`` takes all.
+        size: output side ``S`` (a multiple of 8); frames become ``S x S``. ``None`` keeps the
+            source size.
+        start: first source frame, 0-based.
+        stride: step between frames; ``None`` spreads ``num_frames`` over the whole video.
+        resize_mode: ``"crop"`` (centre crop) or ``"pad"`` (letterbox on black).
+        limits: resolution and duration caps, checked before decoding the pixels.
+
+    Returns:
+        :class:`Video` with frames ``(F, S, S, 3)`` uint8 RGB.
+
+    Raises:
+        EymError: for a missing, empty, unreadable or oversized input, too few frames, or a
+            bad ``size``/``resize_mode``.
+    """
+    path = Path(path)
+    if size is not None and (size < 8 or size % 8):
+        raise EymError(f"size={size}: use a positive multiple of 8 (e.g. 512)")
+    if resize_mode not in RESIZE_MODES:
+        raise EymError(f"resize_mode={resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
+    total, source_fps = count_frames(path)
+
+    if path.is_dir():
+        files = list_frame_files(path)
+        indices = sample_indices(total, num_frames, start, stride)
+        images = [_read_image(files[i]) for i in indices]
+        height, width = images[0].shape[:2]
+        _check_limits(path, width, height, total, source_fps, limits)
+        if any(im.shape != images[0].shape for im in images):
+            logger.info("%s: frames differ in size; each is fitted to the output square on its own", path)
+            if size is None:
+                raise EymError(f"{path}: frames have different sizes; give a size so they can be resized")
+    else:
+        _check_limits(path, 0, 0, total, source_fps, limits)
+        indices = sample_indices(total, num_frames, start, stride)
+        decoded_frames, decoded = _decode(path, indices, limits)
+        if len(decoded_frames) < len(indices):
+            # The header over-counted (common with variable-frame-rate files): sample again from
+            # the true count, which the first pass has just measured.
+            logger.info("%s: header says %d frames, %d decode; resampling", path, total, decoded)
+            total = decoded
+            indices = sample_indices(total, num_frames, start, stride)
+            decoded_frames, decoded = _decode(path, indices, limits)
+            if len(decoded_frames) < len(indices):
+                raise EymError(f"{path}: only {decoded} frames could be decoded; ask for fewer frames or re-encode the video")
+        images = [decoded_frames[i] for i in indices]
+
+    if size is not None:
+        images = [resize_square(im, size, resize_mode) for im in images]
+    frames = np.stack(images).astype(np.uint8)  # (F, H, W, 3)
+    step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1.0
+    fps = source_fps / max(step, 1e-6)
+    logger.info("%s: %d of %d frames (%s), %.3g fps -> %.3g fps", path, len(indices), total, frames.shape[1:3], source_fps, fps)
+    return Video(frames=frames, fps=float(fps), source_fps=float(source_fps), indices=list(indices), path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def _even(frames: np.ndarray) -> np.ndarray:
+    """H.264 yuv420p needs even sides: repeat the last row/column where a side is odd."""
+    _, height, width, _ = frames.shape
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, *, crf: int = 18) -> Path:
+    """Write frames as an H.264 yuv420p mp4 that browsers play, atomically.
+
+    Args:
+        frames: ``(F, H, W, 3)`` uint8 RGB; odd sides are padded by one pixel.
+        path: output file (``.mp4``); parent folders are created.
+        fps: frames per second (any positive float).
+        crf: x264 quality, lower is better (18 is visually lossless).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    """
+    import imageio_ffmpeg
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got {frames.shape}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    frames = _even(np.ascontiguousarray(frames, dtype=np.uint8))
+    _, height, width, _ = frames.shape
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            tmp,
+            (width, height),
+            fps=float(fps),
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=1,
+            output_params=["-crf", str(crf), "-movflags", "+faststart"],
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)  # start ffmpeg
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def side_by_side(*videos: np.ndarray) -> np.ndarray:
+    """Put videos next to each other: ``(F, H, W_i, 3)`` each -> ``(F, H, sum W_i, 3)``.
+
+    Videos of another height are scaled to the first one's height (aspect kept).
+    """
+    if not videos:
+        raise ValueError("side_by_side needs at least one video")
+    num_frames, height = videos[0].shape[0], videos[0].shape[1]
+    parts = []
+    for video in videos:
+        if video.shape[0] != num_frames:
+            raise ValueError(f"all videos need {num_frames} frames, got {video.shape[0]}")
+        if video.shape[1] != height:
+            width = max(1, round(video.shape[2] * height / video.shape[1]))
+            video = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in video])
+        parts.append(video)
+    return np.concatenate(parts, axis=2)

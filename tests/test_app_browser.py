@@ -1,0 +1,200 @@
+"""The app in a real browser: `python app.py` in a subprocess on the tiny bundle, driven by Chromium.
+
+One app process serves every test of this module (module-scoped fixture). The finished page is
+saved as test-artifacts/app.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.media]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+SOURCE = "taichi_hd/taichi_copart00.mp4"
+REFERENCE = "taichi_hd/taichi_copart05.mp4"
+TOO_BIG = "clips/hybrik_taiji_crop720.mp4"  # 3.7 MB, over the 2 MB limit the app is started with
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(media, tiny_bundle, tmp_path_factory):
+    """``python app.py`` on a free port with the tiny bundle, tmp outputs, the media gallery."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    root = tmp_path_factory.mktemp("app_browser")
+    (root / "gallery").mkdir()
+    (root / "gallery" / "gallery.json").write_text(json.dumps({"root": str(media), "entries": [
+        {"name": "taichi", "source": SOURCE, "reference": REFERENCE, "subject": "A man in a white tai chi suit",
+         "source_motion": "practicing tai chi", "target_motion": "raising both arms"}]}))
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "EYM_HOME": os.environ["EYM_HOME"]}
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port), "--outputs", str(root / "outputs"), "--gallery",
+         str(root / "gallery"), "--model", str(tiny_bundle), "--device", "cpu", "--max-upload-mb", "2"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=2) as r:
+                if json.loads(r.read())["status"] == "ok":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"app did not start:\n{(root / 'app.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "root": root, "media": media}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(served["url"])
+    page.locator("#source-video").wait_for()
+    yield page
+    context.close()
+
+
+def _upload(page, elem_id: str, path: Path) -> None:
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+
+
+def _clear_video(page, elem_id: str) -> None:
+    button = page.locator(f"#{elem_id} button[aria-label='Clear'], #{elem_id} button[title='Clear']")
+    if button.count():
+        button.first.click()
+
+
+def _toast(page, pattern: str, timeout: float = 60_000):
+    """Wait for an error toast whose text matches ``pattern``; returns its text."""
+    import re
+
+    toast = page.locator(".toast-body").filter(has_text=re.compile(pattern, re.I))
+    toast.first.wait_for(timeout=timeout)
+    return toast.first.inner_text()
+
+
+def _image_loaded(page, elem_id: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(
+        f"() => {{ const i = document.querySelector('#{elem_id} img'); return i && i.complete && i.naturalWidth > 0; }}",
+        timeout=timeout)
+
+
+def test_upload_preview_edit_and_play(page, served):
+    media = served["media"]
+    from eym.video import read_video
+
+    _upload(page, "source-video", media / SOURCE)
+    _upload(page, "reference-video", media / REFERENCE)
+    for elem in ("src-frames", "src-skeletons", "src-masks", "ref-skeletons"):
+        _image_loaded(page, elem)
+    assert "8 frames" in page.locator("#preview-info").inner_text()
+
+    page.locator("#subject textarea").fill("A man in a white tai chi suit")
+    page.locator("#source-motion textarea").fill("practicing tai chi in front of a hedge")
+    page.locator("#target-motion textarea").fill("raising both arms in front of a hedge")
+    page.locator("#prompts-view").get_by_text("raising both arms").first.wait_for()
+
+    page.locator("#run").click()
+    progress: list[str] = []
+    deadline = time.time() + 240
+    ready = "() => { const v = document.querySelector('#out-edited video'); return !!v && v.readyState >= 2; }"
+    while time.time() < deadline and not page.evaluate(ready):
+        for text in page.locator(".progress-text, .progress-level .meta-text, .meta-text").all_inner_texts():
+            if text.strip() and (not progress or progress[-1] != text.strip()):
+                progress.append(text.strip())
+        page.wait_for_timeout(100)
+    assert page.evaluate(ready), f"no playable video; progress seen: {progress}"
+    assert len(set(progress)) >= 2, f"the progress bar did not move: {progress}"
+    assert any("Stage" in t or "sampling" in t.lower() or "Preprocessing" in t for t in progress), progress
+
+    expected = 8 / read_video(media / SOURCE, num_frames=8, size=64).fps
+    duration = page.evaluate("() => document.querySelector('#out-edited video').duration")
+    assert duration == pytest.approx(expected, rel=0.15), (duration, expected)
+    page.locator("#status").get_by_text("Done in").wait_for()
+    assert page.locator("#downloads a").count() >= 2 or page.locator("#downloads").get_by_text(".mp4").count() >= 2
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+
+def test_bad_inputs_show_messages_and_the_app_keeps_serving(page, served, tmp_path):
+    from eym.video import write_mp4
+
+    media = served["media"]
+    text_mp4 = tmp_path / "notes.mp4"
+    text_mp4.write_text("just text, not a video\n" * 100)
+    one_frame = write_mp4(np.full((1, 64, 64, 3), 128, np.uint8), tmp_path / "one.mp4", 8)
+    rng = np.random.default_rng(0)
+    nobody = write_mp4(np.repeat(rng.integers(0, 255, (1, 1, 1, 3), dtype=np.uint8), 24, 0).repeat(64, 1).repeat(64, 2),
+                       tmp_path / "nobody.mp4", 8)
+
+    _upload(page, "source-video", text_mp4)
+    assert "notes.mp4" in _toast(page, r"not a video|could not be read|not a readable")
+    _clear_video(page, "source-video")
+
+    _upload(page, "source-video", one_frame)
+    assert "1 frame" in _toast(page, r"frame\(s\) but|too few|frames? .*needed")
+    _clear_video(page, "source-video")
+
+    _upload(page, "source-video", nobody)
+    _toast(page, r"no person")
+    _clear_video(page, "source-video")
+
+    _upload(page, "source-video", media / TOO_BIG)
+    _toast(page, r"exceed|too large|max.*size|size limit", timeout=30_000)
+
+    # an empty prompt, with a good upload: a message, no job
+    _clear_video(page, "source-video")
+    _upload(page, "source-video", media / SOURCE)
+    _image_loaded(page, "src-frames")
+    page.locator("#subject textarea").fill("")
+    page.locator("#run").click()
+    _toast(page, r"subject description is empty")
+
+    # still serving: the health route answers and the preview of a good upload is there
+    with urllib.request.urlopen(served["url"] + "healthz", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    assert "8 frames" in page.locator("#preview-info").inner_text()

@@ -1,0 +1,222 @@
+"""eym.video: reading formats and frame folders, sampling, crop/pad geometry, mp4 writing, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import av
+import cv2
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from eym.errors import EymError
+from eym.video import (
+    VideoLimits,
+    count_frames,
+    list_frame_files,
+    read_video,
+    resize_square,
+    sample_indices,
+    side_by_side,
+    write_mp4,
+)
+
+
+def _ramp_frames(num_frames: int = 12, height: int = 48, width: int = 64) -> np.ndarray:
+    """Frames whose brightness encodes their index (robust to lossy codecs), plus a colour bar."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    for i in range(num_frames):
+        frames[i] = 10 + 20 * i
+        frames[i, :, : width // 4] = (255, 0, 0)
+    return frames
+
+
+def _index_of(frame: np.ndarray) -> int:
+    return int(round((float(frame[:, frame.shape[1] // 2 :].mean()) - 10) / 20))
+
+
+@pytest.fixture(scope="module")
+def mp4(tmp_path_factory) -> Path:
+    return write_mp4(_ramp_frames(), tmp_path_factory.mktemp("v") / "ramp.mp4", fps=12.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and geometry
+# ---------------------------------------------------------------------------------------------
+def test_even_sampling_spans_the_video():
+    assert sample_indices(100, 5) == [0, 25, 50, 74, 99]
+    assert sample_indices(100, 4, start=10) == [10, 40, 69, 99]
+    assert sample_indices(8, 8) == list(range(8))
+    assert sample_indices(10, 1) == [0]
+
+
+def test_stride_sampling():
+    assert sample_indices(100, 4, start=3, stride=5) == [3, 8, 13, 18]
+    assert sample_indices(10, None, start=2, stride=3) == [2, 5, 8]
+    assert sample_indices(5, None) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [dict(total=5, num_frames=6), dict(total=10, num_frames=4, stride=4), dict(total=10, num_frames=2, start=10),
+     dict(total=10, num_frames=0), dict(total=10, num_frames=2, stride=0), dict(total=10, num_frames=2, start=-1)],
+)  # fmt: skip
+def test_sampling_errors_name_the_problem(args):
+    with pytest.raises(EymError):
+        sample_indices(**args)
+
+
+def test_crop_keeps_the_centre_at_full_height():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, :50] = (255, 0, 0)  # left quarter: cut away by a centre crop
+    image[:, 50:150] = (0, 255, 0)
+    image[:, 150:] = (0, 0, 255)
+    out = resize_square(image, 64, "crop")
+    assert out.shape == (64, 64, 3)
+    # scale 0.64 -> 128 wide, crop columns 32..96 = source columns 50..150: all green
+    assert np.abs(out.astype(int) - (0, 255, 0)).max() <= 2
+
+
+def test_pad_letterboxes_on_black():
+    image = np.full((100, 200, 3), 200, np.uint8)
+    out = resize_square(image, 64, "pad")
+    assert out.shape == (64, 64, 3)
+    # scale 0.32 -> 64x32, centred: 16 black rows above and below
+    assert (out[:16] == 0).all() and (out[48:] == 0).all()
+    assert (out[16:48] == 200).all()
+    tall = resize_square(np.full((200, 100, 3), 200, np.uint8), 64, "pad")
+    assert (tall[:, :16] == 0).all() and (tall[:, 16:48] == 200).all()
+
+
+def test_side_by_side_concatenates_widths():
+    a, b = np.zeros((3, 16, 16, 3), np.uint8), np.ones((3, 32, 16, 3), np.uint8)
+    out = side_by_side(a, b)
+    assert out.shape == (3, 16, 24, 3)  # b scaled to height 16 -> width 8
+    with pytest.raises(ValueError):
+        side_by_side(a, np.zeros((2, 16, 16, 3), np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame folders
+# ---------------------------------------------------------------------------------------------
+def test_frame_folder_sorts_numerically(tmp_path):
+    for n in (10, 2, 1, 33, 3):
+        image = np.full((20, 20, 3), n, np.uint8)
+        cv2.imwrite(str(tmp_path / f"frame_{n}.png"), image)
+    (tmp_path / "notes.txt").write_text("not a frame")
+    assert [p.name for p in list_frame_files(tmp_path)] == [f"frame_{n}.png" for n in (1, 2, 3, 10, 33)]
+    video = read_video(tmp_path, num_frames=None, size=None)
+    assert [int(f[0, 0, 0]) for f in video.frames] == [1, 2, 3, 10, 33]
+    assert count_frames(tmp_path)[0] == 5
+    sampled = read_video(tmp_path, num_frames=3, size=16)
+    assert sampled.indices == [0, 2, 4] and sampled.frames.shape == (3, 16, 16, 3)
+
+
+def test_empty_frame_folder_is_an_error(tmp_path):
+    with pytest.raises(EymError, match=str(tmp_path)):
+        read_video(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading back
+# ---------------------------------------------------------------------------------------------
+def test_write_mp4_is_browser_h264(tmp_path):
+    frames = _ramp_frames(10, 48, 64)
+    path = write_mp4(frames, tmp_path / "out" / "v.mp4", fps=7.5)
+    assert [p.name for p in path.parent.iterdir()] == ["v.mp4"]  # no temp file left behind
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert (stream.width, stream.height) == (64, 48)
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert float(stream.average_rate) == pytest.approx(7.5, rel=1e-3)
+    assert len(decoded) == 10
+    assert [_index_of(f) for f in decoded] == list(range(10))
+    assert np.abs(np.stack(decoded).astype(int) - frames).mean() < 3
+
+
+def test_write_mp4_pads_odd_sizes(tmp_path):
+    path = write_mp4(_ramp_frames(3, 33, 45), tmp_path / "odd.mp4", fps=5)
+    count, fps = count_frames(path)
+    assert (count, fps) == (3, 5.0)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (46, 34)
+
+
+def test_read_video_samples_and_keeps_real_time(mp4):
+    video = read_video(mp4, num_frames=4, size=32)
+    assert video.frames.shape == (4, 32, 32, 3) and video.frames.dtype == np.uint8
+    assert video.indices == [0, 4, 7, 11]
+    assert [_index_of(f) for f in video.frames] == video.indices
+    assert video.source_fps == 12.0
+    assert video.fps == pytest.approx(12.0 / (11 / 3))
+    strided = read_video(mp4, num_frames=3, start=1, stride=2, size=None)
+    assert strided.indices == [1, 3, 5] and strided.fps == pytest.approx(6.0)
+    assert [_index_of(f) for f in strided.frames] == [1, 3, 5]
+    assert strided.frames.shape[1:] == (48, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "suffix,codec_args",
+    [(".webm", ["-c:v", "libvpx", "-b:v", "1M"]), (".avi", ["-c:v", "mjpeg", "-q:v", "2"]),
+     (".gif", []), (".mov", ["-c:v", "libx264", "-pix_fmt", "yuv420p"])],
+)  # fmt: skip
+def test_reads_other_containers(mp4, tmp_path, suffix, codec_args):
+    out = tmp_path / f"v{suffix}"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(mp4), *codec_args, str(out)], check=True)
+    count, fps = count_frames(out)
+    assert count == 12 and fps == pytest.approx(12.0, rel=0.05)
+    video = read_video(out, num_frames=4, size=32)
+    assert video.frames.shape == (4, 32, 32, 3)
+    assert [_index_of(f) for f in video.frames] == [0, 4, 7, 11]
+
+
+def test_display_rotation_is_applied(mp4, tmp_path):
+    rotated = tmp_path / "rot.mp4"
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    subprocess.run([exe, "-loglevel", "error", "-display_rotation", "90", "-i", str(mp4), "-c", "copy", str(rotated)], check=True)
+    frame = read_video(rotated, num_frames=1, size=None).frames[0]
+    assert frame.shape == (64, 48, 3)  # portrait now
+    # The red bar on the left of the stored frame ends up on the bottom (counter-clockwise 90).
+    assert frame[-8:, :, 0].mean() > 200 and frame[:8, :, 0].mean() < 150
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear EymError naming the file
+# ---------------------------------------------------------------------------------------------
+def test_missing_empty_and_garbage_files(tmp_path):
+    with pytest.raises(EymError, match="no such file"):
+        read_video(tmp_path / "nope.mp4")
+    empty = tmp_path / "empty.mp4"
+    empty.touch()
+    with pytest.raises(EymError, match=r"empty\.mp4: file is empty"):
+        read_video(empty)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(EymError, match=r"garbage\.mp4: not a readable video"):
+        read_video(garbage)
+
+
+def test_too_few_frames(mp4):
+    with pytest.raises(EymError, match=r"asked for 20 frames but only 12"):
+        read_video(mp4, num_frames=20)
+
+
+def test_limits(mp4):
+    with pytest.raises(EymError, match=r"ramp\.mp4: resolution 64x48 is above the limit of 32"):
+        read_video(mp4, num_frames=2, limits=VideoLimits(max_side=32))
+    with pytest.raises(EymError, match=r"longer than the limit of 0 s"):
+        read_video(mp4, num_frames=2, limits=VideoLimits(max_duration_s=0.5))
+    with pytest.raises(EymError, match=r"12 frames is above the limit of 5"):
+        read_video(mp4, num_frames=2, limits=VideoLimits(max_source_frames=5))
+
+
+def test_bad_size_and_mode(mp4):
+    with pytest.raises(EymError, match="size=100"):
+        read_video(mp4, size=100)
+    with pytest.raises(EymError, match="resize_mode"):
+        read_video(mp4, resize_mode="stretch")
