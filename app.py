@@ -251,7 +251,7 @@ class ProgressRelay:
 # ---------------------------------------------------------------------------------------------
 def _resolve_editor(editor_or_factory: Any) -> Callable[[], Any]:
     """A getter that returns the editor, calling a factory at most once (first request)."""
-    if hasattr(editor_or_factory, "edit"):
+    if not _is_factory(editor_or_factory):
         return lambda: editor_or_factory
     lock = threading.Lock()
     made: list[Any] = []
@@ -263,6 +263,11 @@ def _resolve_editor(editor_or_factory: Any) -> Callable[[], Any]:
             return made[0]
 
     return get
+
+
+def _is_factory(obj: Any) -> bool:
+    """A zero-argument factory, as opposed to an editor (editors have ``edit`` and are not callable)."""
+    return callable(obj) and not hasattr(obj, "edit")
 
 
 def _model_info(editor: Any) -> tuple[str, bool]:
@@ -341,7 +346,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     gallery = load_gallery(gallery_dir) if gallery_dir is not None else None
     if model_line is None or is_tiny is None:
         # Only describe an editor that exists; a factory is not called just to label the page.
-        line, tiny = _model_info(editor_or_factory) if hasattr(editor_or_factory, "edit") else ("loading on first use", False)
+        line, tiny = ("loading on first use", False) if _is_factory(editor_or_factory) else _model_info(editor_or_factory)
         model_line = model_line if model_line is not None else line
         is_tiny = is_tiny if is_tiny is not None else tiny
     defaults = default_controls(bool(is_tiny))

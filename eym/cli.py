@@ -179,7 +179,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     s.add_argument("--size", type=int, default=512, help="side of the square frames (default: %(default)s)")
     s.add_argument("--start", type=int, default=0, help="first source frame (default: %(default)s)")
     s.add_argument("--stride", type=int, default=None, help="step between frames (default: spread over the video)")
-    s.add_argument("--resize-mode", default="crop", choices=["crop", "pad"], help="(default: %(default)s)")
+    s.add_argument("--resize", default="crop", choices=["crop", "pad"], help="fit to SxS by centre crop or padding (default: %(default)s)")
     s.add_argument("--retarget", action=argparse.BooleanOptionalAction, default=True,
                    help="the edit retargeted the reference to the source person (the edit's default: on)")
     _add_eval_settings(p)
@@ -192,7 +192,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_files(
         args.edited, args.source, args.target_prompt, reference=args.reference, num_frames=args.frames,
-        size=args.size, start=args.start, stride=args.stride, resize_mode=args.resize_mode,
+        size=args.size, start=args.start, stride=args.stride, resize_mode=args.resize,
         retarget=args.retarget, config=_eval_config(args),
     )
     said = set()  # a group's reason is printed once, not for each of its metrics
@@ -205,6 +205,54 @@ def _run_eval(args: argparse.Namespace) -> int:
         atomic_write_bytes(args.json, report.to_json().encode())
         print(f"report written to {args.json}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# suite: a gallery of edit pairs through edit + eval, table + contact sheets (issue 5, evaluation)
+# ---------------------------------------------------------------------------------------------
+@_command("suite", "run a gallery of edit pairs through edit + eval: results.md/.csv, contact sheets; resumes")
+def _add_suite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="gallery folder or manifest (gallery.yaml/.json, see docs/EVALUATION.md)")
+    p.add_argument("--out", required=True, help="output folder (results.md, results.csv, pairs/<name>/)")
+    p.add_argument("--model", default="tiny", help="base model: tiny | hub id | folder | single file (default: tiny)")
+    p.add_argument("--controlnet", default=None, help="openpose ControlNet (default: the model's or the hub one)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--settings", metavar="FILE", help="edit settings JSON/YAML (eym.editor.EditConfig); flags below override it")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
+    e = p.add_argument_group("edit settings (for every pair; an entry's num_frames/start/stride win)")
+    e.add_argument("--frames", type=int, help="frames per clip")
+    e.add_argument("--size", type=int, help="side of the square frames")
+    e.add_argument("--steps1", type=int, help="DPL stage 1 steps")
+    e.add_argument("--steps2", type=int, help="DPL stage 2 steps")
+    e.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling")
+    _add_eval_settings(p)
+
+
+def _suite_edit_config(args: argparse.Namespace):
+    from eym.config import load_config, replace
+    from eym.editor import EditConfig
+
+    config = load_config(EditConfig, args.settings) if args.settings else EditConfig()
+    prep = {k: v for k, v in (("num_frames", args.frames), ("size", args.size)) if v is not None}
+    tune = {k: v for k, v in (("steps1", args.steps1), ("steps2", args.steps2)) if v is not None}
+    infer = {"ddim_steps": args.ddim_steps} if args.ddim_steps is not None else {}
+    return replace(config, preprocess=replace(config.preprocess, **prep), tune=replace(config.tune, **tune),
+                   infer=replace(config.infer, **infer))
+
+
+@_runner("suite")
+def _run_suite(args: argparse.Namespace) -> int:
+    from eym.suite import run_suite
+
+    result = run_suite(
+        args.manifest, args.out, model=args.model, controlnet=args.controlnet, edit_config=_suite_edit_config(args),
+        eval_config=_eval_config(args), device=args.device, names=args.only, disable_progress=args.quiet,
+    )
+    print(result.table_md.read_text(), end="")
+    reused = sum(p.reused for p in result.pairs)
+    print(f"{len(result.pairs)} pairs: {result.edits_run} edited, {reused} reused from an earlier run; "
+          f"tables in {result.table_md} and {result.table_csv}")
+    return 1 if any(p.error for p in result.pairs) else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import re
+import shutil
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import torch
 from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.preprocess import PreprocessConfig
 from eym.tuning import TuneConfig, TuningData, tune_dpl
 
 logger = logging.getLogger(__name__)
@@ -196,17 +198,11 @@ class InferConfig:
         return self.inject_steps if isinstance(self.inject_steps, tuple) else (0.0, self.inject_steps)
 
 
-def _default_preprocess():
-    from eym.preprocess import PreprocessConfig
-
-    return PreprocessConfig()
-
-
 @dataclass(frozen=True)
 class EditConfig:
     """All settings of one edit."""
 
-    preprocess: "PreprocessConfig" = field(default_factory=_default_preprocess)  # noqa: F821  frames, size, pose/mask backends
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # frames, size, pose/mask backends
     tune: TuneConfig = field(default_factory=TuneConfig)  # DPL tuning
     infer: InferConfig = field(default_factory=InferConfig)  # inversion + sampling
 
@@ -277,7 +273,7 @@ class Editor:
     def tuned_key(self, source, prompts: Prompts, config: TuneConfig) -> str:
         """The cache key of tuning ``source``: content hash, models, P_c, P_s, settings. No reference."""
         c = self.components
-        masked = config.mask_background and getattr(source, "masks", None) is not None
+        masked = config.mask_background and _masks(source) is not None
         return stable_hash(
             {
                 "version": TUNING_VERSION,
@@ -303,8 +299,6 @@ class Editor:
             return self.open_tuned(entry, reused=True)
         except EymError as err:
             logger.warning("discarding tuned weights %s: %s", entry, err)
-            import shutil
-
             shutil.rmtree(entry, ignore_errors=True)
             return None
 
@@ -393,8 +387,6 @@ class Editor:
         with building(entry, meta={"kind": TUNED_KIND, "key": key}) as tmp:
             save_file(result.tensors, str(tmp / TUNED_FILE), metadata={"key": key, "model": c.model_id})
             atomic_write_json(tmp / TUNED_MANIFEST, manifest)
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         _LOADED[unet] = key
         logger.info("tuned %s in %.1f s -> %s", source.content_hash[:12], manifest["seconds"], entry)
@@ -405,17 +397,16 @@ class Editor:
         from eym.sampling import encode_video
 
         c = self.components
-        generator = torch.Generator().manual_seed(config.seed)
         frames = np.asarray(source.frames)
-        with torch.no_grad():
-            latents = encode_video(c.vae, frames, generator=generator)  # (1, 4, F, h, w) z_0 = E(V)
-            masks = getattr(source, "masks", None)
-            if config.mask_background and masks is not None:
-                masked = frames * np.asarray(masks, dtype=bool)[..., None]  # Eq. 10: U_M = U * M
-                masked_latents = encode_video(c.vae, masked.astype(np.uint8), generator=generator)  # Eq. 11
-            else:
-                masked_latents = latents
-            embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.content, prompts.source])  # (2, 77, D)
+        masks = _masks(source)
+        # The VAE posterior's mean, encoded once: the latents every step starts from.
+        latents = encode_video(c.vae, frames)  # (1, 4, F, h, w) z_0 = E(V)
+        if config.mask_background and masks is not None:
+            masked = frames * masks[..., None]  # Eq. 10: U_M = U * M, background set to 0 (black)
+            masked_latents = encode_video(c.vae, masked.astype(np.uint8))  # Eq. 11: Z^M = E(U_M)
+        else:
+            masked_latents = latents
+        embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.content, prompts.source])  # (2, 77, D)
         return TuningData(
             latents=latents,
             masked_latents=masked_latents,
@@ -454,6 +445,192 @@ class Editor:
         _assign_tensors(unet, tensors)
         _LOADED[unet] = tuned.key
 
+    # -- inference ---------------------------------------------------------------------------
+    def infer(
+        self,
+        source,
+        reference,
+        prompts: Prompts,
+        tuned: TunedWeights,
+        config: InferConfig = InferConfig(),
+        *,
+        callback: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """Edit ``source`` to move like ``reference``: inversion, two branches, decoding.
+
+        Args:
+            source: the tuned source :class:`~eym.preprocess.Clip`.
+            reference: a Clip with the motion (a preprocessed video or a preset); its skeletons
+                (or keypoints, when retargeting) drive the editing branch. Same frame count.
+            prompts: P_s (inversion, reconstruction branch) and P_t (editing branch).
+            tuned: from :meth:`tune` (or :meth:`open_tuned`) for this source.
+            config: :class:`InferConfig`.
+            callback: ``callback("inversion" | "sampling" | "decode", step, total)``.
+
+        Returns:
+            (F, H, W, 3) uint8 edited frames.
+        """
+        from eym.sampling import ddim_invert, ddim_timesteps, decode_video, encode_video, make_eps_fn, sample_two_branch
+        from eym.spacetime import inflate
+
+        c = self.components
+        _check_source(source, c.vae_scale_factor)
+        _check_prompt(prompts.source, "source prompt (P_s)")
+        _check_prompt(prompts.target, "target prompt (P_t)")
+        reference_skeletons = self.reference_skeletons(source, reference, retarget=config.retarget)
+        if tuned.manifest.get("source", {}).get("content_hash") != source.content_hash:
+            raise EymError(f"tuned weights {tuned.path} were tuned on another source video; tune this one first")
+        self.load_tuned(tuned)
+        inflate(c.unet, inject_layers=config.inject_layers, injection_weighting=config.injection_weighting)
+
+        F = len(source.frames)
+        timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
+        latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk)  # (1, 4, F, h, w)
+        embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.source, prompts.target, ""])  # (3, 77, D)
+
+        # 1. DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s
+        invert_fn = make_eps_fn(
+            c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
+            num_frames=F, controlnet_scale=config.controlnet_scale,
+        )
+        z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
+
+        # 2. both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)],
+        #    the editing branch attending to the reconstruction's keys/values (Eq. 17-18)
+        branch_fn = make_eps_fn(
+            c.unet, c.controlnet, prompt_embeds=embeds[:2],
+            control_images=np.stack([np.asarray(source.skeletons), reference_skeletons]),
+            num_frames=F, guidance_scale=config.guidance_scale, negative_embeds=embeds[2:],
+            controlnet_scale=config.controlnet_scale,
+        )
+        both = sample_two_branch(
+            branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=inject_step_indices(config, len(timesteps)),
+            callback=callback, disable=self.disable_progress,
+        )  # (2, 4, F, h, w)
+
+        # 3. decode the editing branch in chunks of frames
+        frames = decode_video(c.vae, both[1:2], chunk=config.decode_chunk, callback=callback)
+        _free_memory(c.device)
+        return frames
+
+    def reference_skeletons(self, source, reference, *, retarget: bool = True) -> np.ndarray:
+        """The editing branch's skeleton images S_rf, (F, H, W, 3) uint8, retargeted if asked.
+
+        Retargeting fits the reference motion to the source person's bone lengths and hip
+        position (not in the paper, expected by users); it needs keypoints of both clips.
+        """
+        from eym.pose import draw_skeletons, retarget as retarget_keypoints
+
+        frames = np.asarray(source.frames)
+        F, H, W, _ = frames.shape
+        ref_skeletons = np.asarray(reference.skeletons)
+        if len(ref_skeletons) != F:
+            raise EymError(
+                f"the reference has {len(ref_skeletons)} frames and the source {F}; "
+                "preprocess both with the same --frames"
+            )
+        source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
+        if retarget and source_kps is not None and ref_kps is not None:
+            return draw_skeletons(retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps)), H, W)
+        if retarget:
+            logger.warning("retargeting needs keypoints of both clips; using the reference skeletons as they are")
+        if ref_skeletons.shape[1:3] != (H, W):
+            raise EymError(f"the reference is {ref_skeletons.shape[2]}x{ref_skeletons.shape[1]} and the source {W}x{H}; preprocess both at the same --size")
+        return ref_skeletons.astype(np.uint8)
+
+    # -- the whole edit ----------------------------------------------------------------------
+    def edit(
+        self,
+        source,
+        reference,
+        prompts: Prompts,
+        config: EditConfig | None = None,
+        *,
+        out_dir: str | Path,
+        name: str = "edited",
+        callback: ProgressCallback | None = None,
+    ) -> EditResult:
+        """Preprocess, tune (or reuse), infer, and write the results.
+
+        Args:
+            source: a Clip, or a video file / frame folder (preprocessed with masks).
+            reference: a Clip, a video file / frame folder, or a preset name (:data:`eym.presets.PRESETS`).
+            prompts: :class:`Prompts` (see :func:`derive_prompts`).
+            config: :class:`EditConfig`; the source's frame count and size come from ``config.preprocess``.
+            out_dir: where ``<name>.mp4``, ``<name>.side_by_side.mp4`` and ``<name>.settings.json`` go.
+            name: file name stem of the outputs.
+            callback: progress of every stage ("preprocess", "stage1", ..., "decode").
+
+        Returns:
+            :class:`EditResult`.
+        """
+        from eym.video import side_by_side, write_mp4
+
+        config = config or EditConfig()
+        _check_prompt(prompts.target, "target prompt (P_t)")
+        started = time.perf_counter()
+        source_clip = self.load_source(source, config, callback=callback)
+        reference_clip = self.load_reference(reference, source_clip, config, callback=callback)
+        tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
+        frames = self.infer(source_clip, reference_clip, prompts, tuned, config.infer, callback=callback)
+        ref_skeletons = self.reference_skeletons(source_clip, reference_clip, retarget=config.infer.retarget)
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fps = float(source_clip.fps)
+        video = write_mp4(frames, out_dir / f"{name}.mp4", fps)
+        panel = write_mp4(side_by_side(np.asarray(source_clip.frames), ref_skeletons, frames), out_dir / f"{name}.side_by_side.mp4", fps)
+        settings = {
+            "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
+            "source": {"input": _describe_input(source), "content_hash": source_clip.content_hash},
+            "reference": {"input": _describe_input(reference), "content_hash": reference_clip.content_hash},
+            "model": self.components.model_id,
+            "controlnet": self.components.controlnet_id,
+            "config": to_dict(config),
+            "tuned": {"path": str(tuned.path), "key": tuned.key, "reused": tuned.reused},
+            "frames": list(frames.shape),
+            "fps": fps,
+            "seconds": round(time.perf_counter() - started, 2),
+            "outputs": {"video": video.name, "side_by_side": panel.name},
+        }
+        settings_path = atomic_write_json(out_dir / f"{name}.settings.json", settings)
+        return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames)
+
+    def load_source(self, source, config: EditConfig, *, callback: ProgressCallback | None = None):
+        """A Clip as given, or a video file / frame folder preprocessed with person masks."""
+        if isinstance(source, (str, Path)):
+            from eym.preprocess import preprocess
+
+            return preprocess(Path(source), config.preprocess, with_masks=config.tune.mask_background, callback=callback)
+        return source
+
+    def load_reference(self, reference, source, config: EditConfig, *, callback: ProgressCallback | None = None):
+        """A Clip as given, a preset motion by name (fitted to the source person), or a video preprocessed without masks."""
+        if not isinstance(reference, (str, Path)):
+            return reference
+        from eym.presets import PRESETS, preset_motion
+        from eym.preprocess import clip_from_keypoints, preprocess
+
+        if isinstance(reference, str) and reference in PRESETS and not Path(reference).exists():
+            F, size = len(source.frames), np.asarray(source.frames).shape[1]
+            keypoints = preset_motion(reference, F, getattr(source, "keypoints", None))
+            return clip_from_keypoints(keypoints, size, float(source.fps))
+        if not Path(reference).exists():
+            raise EymError(f"reference {str(reference)!r} is neither a file/folder nor a preset ({', '.join(PRESETS)})")
+        return preprocess(Path(reference), config.preprocess, with_masks=False, callback=callback)
+
+
+def inject_step_indices(config: InferConfig, total: int) -> list[int]:
+    """The denoising step indices (0 = the noisiest) of ``config.inject_steps``' window."""
+    start, end = config.inject_window()
+    return [i for i in range(total) if start * total <= i < end * total]
+
+
+def _describe_input(value) -> str:
+    if isinstance(value, (str, Path)):
+        return str(value)
+    return str(getattr(value, "source", "") or getattr(value, "path", "") or "clip")
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -484,6 +661,15 @@ def control_tensor(skeletons: np.ndarray, device: torch.device, dtype: torch.dty
     return images.permute(0, 3, 1, 2).to(dtype) / 255.0  # (F, 3, H, W)
 
 
+def _masks(clip) -> np.ndarray | None:
+    """The clip's person masks (F, H, W) bool, or None when it has none (presets, references)."""
+    masks = getattr(clip, "masks", None)
+    if masks is None:
+        return None
+    masks = np.asarray(masks)
+    return masks.astype(bool) if masks.ndim == 3 and masks.shape[1] > 0 else None
+
+
 def _check_prompt(text: str, what: str) -> None:
     if not (text and text.strip()):
         raise EymError(f"the {what} is empty; describe the video in words, e.g. 'A girl in a white dress is dancing.'")
@@ -499,8 +685,8 @@ def _check_source(clip, scale: int, what: str = "source") -> None:
         raise EymError(f"{what} frames are {W}x{H}; use a size that is a multiple of {scale} (e.g. --size 512)")
     if np.asarray(clip.skeletons).shape != frames.shape:
         raise EymError(f"{what} skeletons {np.asarray(clip.skeletons).shape} do not match its frames {frames.shape}; preprocess it again")
-    masks = getattr(clip, "masks", None)
-    if masks is not None and np.asarray(masks).shape != (F, H, W):
+    masks = _masks(clip)
+    if masks is not None and masks.shape != (F, H, W):
         raise EymError(f"{what} masks {np.asarray(masks).shape} do not match its frames {frames.shape}; preprocess it again")
 
 

@@ -16,7 +16,8 @@ serving without losing finished work:
 
 Entries are the direct children of each root folder (``jobs/<id>``, ``preprocess/<key>``,
 ``tuned/<key>``...). Names starting with ``.`` are bookkeeping (``.locks/``, ``.tmp-*`` of
-:mod:`eym.cache`), not entries. Lock files live in ``<root>/.locks/<name>.lock`` so that
+:mod:`eym.cache`), not entries, except ``.partial-*`` (tuning checkpoints of an interrupted run,
+evictable once untouched for an hour). Lock files live in ``<root>/.locks/<name>.lock`` so that
 entries themselves (and their sha256 manifests) are never touched by locking.
 """
 
@@ -52,6 +53,10 @@ LOCKS_DIR = ".locks"  # in each root: one lock file per entry, held shared while
 # and loaded by every test/demo process at start).
 KEEP = frozenset({"tiny"})
 CAP_ENV = "EYM_DISK_CAP_GB"  # default cap for new_job(), in GB (unset: no cap)
+# Resumable tuning checkpoints of eym.editor (``tuned/.partial-<key>``): evictable entries, but
+# only once untouched this long, since a live tuning rewrites its checkpoint every K steps.
+PARTIAL_PREFIX = ".partial-"
+PARTIAL_GRACE_S = 3600.0
 
 State = Literal["running", "done", "failed", "crashed"]
 
@@ -229,7 +234,7 @@ class Entry:
     size: int  # bytes, summed over its files (symlinks not followed)
     last_used: float  # mtime (load_entry and jobs touch it), seconds since the epoch
     in_use: bool  # a running job holds it: never evicted
-    state: str  # jobs: "running" | "done" | "failed" | "crashed"; caches: "ok" | "in use"
+    state: str  # jobs: "running" | "done" | "failed" | "crashed"; caches: "ok" | "in use" | "partial"
 
 
 def default_roots(home: str | os.PathLike | None = None, extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
@@ -275,11 +280,16 @@ def list_entries(roots: Sequence[str | os.PathLike] | None = None) -> list[Entry
         if not root.is_dir():
             continue
         for p in root.iterdir():
-            if p.name.startswith("."):
+            partial = p.name.startswith(PARTIAL_PREFIX)
+            if p.name.startswith(".") and not partial:
                 continue
             job_running = _is_held(p / JOB_LOCK) if p.is_dir() else False
             pinned_now = _is_held(entry_lock_path(p))
-            if (p / JOB_INFO).exists():
+            if partial:
+                with contextlib.suppress(OSError):
+                    pinned_now = pinned_now or time.time() - p.lstat().st_mtime < PARTIAL_GRACE_S
+                state = "partial"
+            elif (p / JOB_INFO).exists():
                 recorded = _read_info(p).get("state", "crashed")
                 state = "running" if job_running else ("crashed" if recorded == "running" else recorded)
             else:

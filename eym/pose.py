@@ -338,7 +338,7 @@ def _anchor(keypoints: np.ndarray) -> np.ndarray:
     return detected.mean(axis=0) if len(detected) else np.array([0.5, 0.5])
 
 
-def retarget(reference: np.ndarray, source: np.ndarray) -> np.ndarray:
+def retarget(reference: np.ndarray, source: np.ndarray, *, reference_bones: np.ndarray | None = None) -> np.ndarray:
     """Give the reference motion the source person's body: bone lengths and hip position.
 
     Notation: ``ratio[b] = L_src[b] / L_ref[b]`` with ``L`` the median length of bone ``b`` over
@@ -355,13 +355,16 @@ def retarget(reference: np.ndarray, source: np.ndarray) -> np.ndarray:
     Args:
         reference: ``(F, 18, 3)`` keypoints of the motion to copy.
         source: ``(F_s, 18, 3)`` keypoints of the person who should perform it (any frame count).
+        reference_bones: the reference body's true bone lengths ``(len(BONES),)`` when known
+            (a preset's rest pose); default: measured from ``reference``.
 
     Returns:
         ``(F, 18, 3)`` float32, with the reference's confidences.
     """
     reference = np.asarray(reference, np.float64)
     source = np.asarray(source, np.float64)
-    ref_len, src_len = bone_lengths(reference), bone_lengths(source)
+    ref_len = bone_lengths(reference) if reference_bones is None else np.asarray(reference_bones, np.float64)
+    src_len = bone_lengths(source)
     valid = np.isfinite(ref_len) & np.isfinite(src_len) & (ref_len > 1e-6)
     ratio = np.ones(len(BONES))
     ratio[valid] = src_len[valid] / ref_len[valid]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eym.errors import EymError
-from eym.pose import NUM_KEYPOINTS, retarget
+from eym.pose import NUM_KEYPOINTS, bone_lengths, retarget
 
 PRESETS: dict[str, str] = {
     "wave": "waves the right hand above the shoulder",
@@ -159,5 +159,7 @@ def preset_motion(name: str, num_frames: int, source: np.ndarray | None = None) 
         raise EymError(f"frames={num_frames}: ask for at least 1 frame")
     motion = np.stack([_build(_MOTIONS[name](i / num_frames)) for i in range(num_frames)]).astype(np.float32)
     if source is not None:
-        motion = retarget(motion, source)
+        # The preset's bones are foreshortened in some frames; its rest pose has their true length.
+        rest = _build(_Pose())[None].astype(np.float32)
+        motion = retarget(motion, source, reference_bones=bone_lengths(rest))
     return motion

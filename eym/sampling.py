@@ -314,7 +314,7 @@ def make_eps_fn(
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
         return eps.to(latents.dtype)
 
-    eps_fn.num_videos = videos  # for logs: how many videos one UNet call carries
+    logger.debug("eps_fn: %d videos x %d frames per UNet call, guidance %.2f", videos, num_frames, guidance_scale)
     return eps_fn
 
 
@@ -369,13 +369,16 @@ def encode_video(
 
 
 @torch.no_grad()
-def decode_video(vae, latents: torch.Tensor, *, chunk: int = 8) -> np.ndarray:
+def decode_video(
+    vae, latents: torch.Tensor, *, chunk: int = 8, callback: ProgressCallback | None = None
+) -> np.ndarray:
     """SD latents -> uint8 frames, ``chunk`` frames per VAE call.
 
     Args:
         vae: ``AutoencoderKL``.
         latents: ``(1, 4, F, h, w)``, scaled as :func:`encode_video` returns them.
-        chunk: frames per VAE call.
+        chunk: frames per VAE call (the result does not depend on it).
+        callback: ``callback("decode", frames_done, total_frames)`` after each chunk.
 
     Returns:
         ``(F, 8h, 8w, 3)`` uint8 RGB.
@@ -386,7 +389,10 @@ def decode_video(vae, latents: torch.Tensor, *, chunk: int = 8) -> np.ndarray:
         raise ValueError(f"chunk {chunk} must be >= 1")
     param = next(vae.parameters())
     z = frames_to_batch(latents).to(param.device, param.dtype) / vae.config.scaling_factor  # (F, 4, h, w)
-    parts = [vae.decode(z[start : start + chunk]).sample for start in range(0, z.shape[0], chunk)]
+    parts = []
+    for start in range(0, z.shape[0], chunk):
+        parts.append(vae.decode(z[start : start + chunk]).sample)
+        _report(callback, "decode", min(start + chunk, z.shape[0]), z.shape[0])
     images = torch.cat(parts).float().clamp(-1, 1)  # (F, 3, H, W)
     images = ((images + 1) * 127.5).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()  # (F, H, W, 3)

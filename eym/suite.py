@@ -21,7 +21,7 @@ the metrics beyond the paper), one row per pair and a mean row.
 Layout of ``DIR``::
 
     results.md, results.csv, suite.json     table and the suite's settings
-    pairs/<name>/edited.mp4                 the edited video (plus the editor's other outputs)
+    pairs/<name>/edited.mp4                 the edited video (+ edited.side_by_side.mp4, edited.settings.json)
     pairs/<name>/metrics.json               eym.metrics.EvalReport
     pairs/<name>/contact_sheet.png
     pairs/<name>/MANIFEST.json              file hashes + the pair's key (resume)
@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path, load_entry, stable_hash
 from eym.errors import EymError
-from eym.metrics import METRICS, EvalConfig, EvalReport
+from eym.metrics import METRICS, EvalConfig, EvalReport, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -237,3 +236,170 @@ def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig, model: str,
         "edit": to_dict(edit_config),
         "eval": to_dict(eval_config),
     })
+
+
+def _reference_clip(entry: Any, source: Any, prep: Any, callback: ProgressCallback | None) -> Any:
+    """The entry's reference: a preprocessed video (skeletons only) or a preset motion clip."""
+    from eym.preprocess import clip_from_keypoints, preprocess
+    from eym.presets import preset_motion
+
+    if entry.preset is not None:
+        motion = preset_motion(entry.preset, source.num_frames, source=source.keypoints)
+        return clip_from_keypoints(motion, prep.size, source.fps, config=prep)
+    return preprocess(entry.reference, prep, with_masks=False, callback=callback)
+
+
+def _driving_keypoints(source: Any, reference: Any, edit_config: Any) -> np.ndarray:
+    """(F, 18, 3) the skeletons the editing branch was conditioned on (retargeted if the edit did)."""
+    if edit_config.infer.retarget:
+        from eym.pose import retarget
+
+        return retarget(reference.keypoints, source.keypoints)
+    return reference.keypoints
+
+
+def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, editor: Any, folder: Path,
+              callback: ProgressCallback | None) -> EvalReport:
+    """Preprocess, edit, evaluate and draw one pair into ``folder`` (a temporary build folder)."""
+    from eym.pose import draw_skeletons
+    from eym.preprocess import preprocess
+
+    prep = edit_config.preprocess
+    prompts = _entry_prompts(entry)
+    source = preprocess(entry.source, prep, with_masks=True, callback=callback)
+    reference = _reference_clip(entry, source, prep, callback)
+    result = editor.edit(source, reference, prompts, edit_config, out_dir=folder, name=EDITED_VIDEO.removesuffix(".mp4"),
+                         callback=callback)
+    driving = _driving_keypoints(source, reference, edit_config)
+
+    settings = {
+        "pair": entry.name,
+        "inputs": {"source": str(entry.source), "reference": str(entry.reference) if entry.reference else None,
+                   "preset": entry.preset},
+        "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
+        "sampling": prep.to_dict(),
+        "retarget": edit_config.infer.retarget,
+        "edit_settings": Path(result.settings).name,
+    }
+    report = evaluate(result.frames, source.frames, prompts.target, reference_keypoints=driving,
+                      source_masks=source.masks if source.has_masks else None, config=eval_config,
+                      settings=settings)
+    atomic_write_bytes(folder / METRICS_FILE, report.to_json().encode())
+    size = prep.size
+    sheet = contact_sheet({
+        "source": source.frames,
+        "reference skeleton": draw_skeletons(driving, size, size),
+        "edited": result.frames,
+    })
+    write_png(sheet, folder / CONTACT_SHEET)
+    return report
+
+
+def run_suite(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    model: str = "tiny",
+    controlnet: str | None = None,
+    edit_config: Any = None,
+    eval_config: EvalConfig = EvalConfig(),
+    editor: Any = None,
+    device: str | None = None,
+    names: list[str] | None = None,
+    disable_progress: bool = False,
+    callback: ProgressCallback | None = None,
+) -> SuiteResult:
+    """Run every pair of a gallery manifest through edit + eval; resume what an earlier run did.
+
+    Args:
+        manifest: gallery folder or manifest file (:func:`eym.gallery.load_gallery`).
+        out_dir: the suite's output folder (created; see the module docstring for its layout).
+        model, controlnet: the base model and ControlNet (:func:`eym.models.load_components`);
+            ``"tiny"`` is the random-weight test bundle.
+        edit_config: :class:`eym.editor.EditConfig` for every pair (entry sampling hints win);
+            default ``EditConfig()``, the paper's settings.
+        eval_config: metric settings.
+        editor: an :class:`eym.editor.Editor` to use; default: one is built from ``model`` the
+            first time a pair needs editing (a complete resume loads no model at all).
+        device: where to load the model (default: CUDA if available).
+        names: run only these entries (default: all, in manifest order).
+        disable_progress: turn off the per-pair tqdm bar (callbacks still fire).
+        callback: ``callback("suite", done, total)`` after each pair, plus the stages of
+            preprocessing and editing (``"preprocess"``, ``"stage1"``, ...) as they happen.
+    Returns:
+        :class:`SuiteResult`. A pair that fails with :class:`EymError` is reported (its error
+        under the table) and the others still run; any other exception stops the suite.
+    """
+    from eym.editor import EditConfig
+    from eym.gallery import load_gallery
+
+    gallery = load_gallery(manifest)
+    entries = [gallery.get(n) for n in names] if names else list(gallery.entries)
+    if not entries:
+        raise EymError(f"gallery {gallery.manifest} has no entries to run")
+    edit_config = edit_config if edit_config is not None else EditConfig()
+    out_dir = Path(out_dir)
+    pairs_dir = out_dir / PAIRS_DIR
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+
+    outcomes: list[PairOutcome] = []
+    edits_run = 0
+    bar = tqdm(entries, desc="suite", unit="pair", disable=disable_progress)
+    for done, entry in enumerate(bar, start=1):
+        bar.set_postfix_str(entry.name)
+        config = _pair_config(entry, edit_config)
+        key = _pair_key(entry, config, eval_config, model, controlnet)
+        folder = pairs_dir / entry.name
+        found = load_entry(folder)
+        if found is not None and found["meta"].get("key") == key:
+            # complete from an earlier run with the same inputs and settings: nothing to do
+            report = EvalReport.from_dict(json.loads((folder / METRICS_FILE).read_text()))
+            outcomes.append(PairOutcome(entry.name, folder, report, reused=True))
+            logger.info("suite: %s already done (%s), reused", entry.name, folder)
+        else:
+            if editor is None:
+                editor = _build_editor(model, controlnet, device, disable_progress)
+            started = time.perf_counter()
+            try:
+                with building(folder, meta={"key": key, "pair": entry.name, "kind": "eym-suite-pair"}) as tmp:
+                    report = _run_pair(entry, config, eval_config, editor, tmp, callback)
+            except EymError as err:
+                logger.error("suite: pair %s failed: %s", entry.name, err)
+                outcomes.append(PairOutcome(entry.name, folder, None, reused=False, error=str(err)))
+            else:
+                edits_run += 1
+                outcomes.append(PairOutcome(entry.name, folder, report, reused=False))
+                logger.info("suite: %s done in %.1f s", entry.name, time.perf_counter() - started)
+        if callback is not None:
+            callback("suite", done, len(entries))
+
+    result = SuiteResult(pairs=outcomes, table_md=out_dir / "results.md", table_csv=out_dir / "results.csv",
+                         edits_run=edits_run)
+    _write_tables(result, out_dir)
+    from eym.config import to_dict
+
+    atomic_write_json(out_dir / "suite.json", {
+        "manifest": str(gallery.manifest), "model": model, "controlnet": controlnet,
+        "edit": to_dict(edit_config), "eval": to_dict(eval_config),
+        "pairs": {p.name: {"reused": p.reused, "error": p.error} for p in outcomes},
+    })
+    return result
+
+
+def _build_editor(model: str, controlnet: str | None, device: str | None, disable_progress: bool) -> Any:
+    from eym.editor import Editor
+    from eym.models import load_components
+
+    return Editor(load_components(model, controlnet, device=device), disable_progress=disable_progress)
+
+
+def _write_tables(result: SuiteResult, out_dir: Path) -> None:
+    reports = result.reports
+    sheets = {p.name: f"{PAIRS_DIR}/{p.name}/{CONTACT_SHEET}" for p in result.pairs if p.report is not None}
+    md = "# Evaluation suite\n\n"
+    md += table_markdown(reports, sheets) if reports else "No pair finished.\n"
+    failed = [p for p in result.pairs if p.error]
+    if failed:
+        md += "\nFailed pairs:\n" + "".join(f"- {p.name}: {p.error}\n" for p in failed)
+    atomic_write_bytes(result.table_md, md.encode())
+    atomic_write_bytes(result.table_csv, table_csv(reports).encode())

@@ -261,6 +261,14 @@ def _decode(path: Path, wanted: list[int], limits: VideoLimits) -> tuple[dict[in
     return frames, decoded
 
 
+def _sample_for(path: Path, total: int, num_frames: int | None, start: int, stride: int | None) -> list[int]:
+    """:func:`sample_indices` with the file named in its error."""
+    try:
+        return sample_indices(total, num_frames, start, stride)
+    except EymError as err:
+        raise EymError(f"{path}: {err}") from None
+
+
 def read_video(
     path: str | os.PathLike,
     *,
@@ -299,7 +307,7 @@ def read_video(
 
     if path.is_dir():
         files = list_frame_files(path)
-        indices = sample_indices(total, num_frames, start, stride)
+        indices = _sample_for(path, total, num_frames, start, stride)
         images = [_read_image(files[i]) for i in indices]
         height, width = images[0].shape[:2]
         _check_limits(path, width, height, total, source_fps, limits)
@@ -309,14 +317,14 @@ def read_video(
                 raise EymError(f"{path}: frames have different sizes; give a size so they can be resized")
     else:
         _check_limits(path, 0, 0, total, source_fps, limits)
-        indices = sample_indices(total, num_frames, start, stride)
+        indices = _sample_for(path, total, num_frames, start, stride)
         decoded_frames, decoded = _decode(path, indices, limits)
         if len(decoded_frames) < len(indices):
             # The header over-counted (common with variable-frame-rate files): sample again from
             # the true count, which the first pass has just measured.
             logger.info("%s: header says %d frames, %d decode; resampling", path, total, decoded)
             total = decoded
-            indices = sample_indices(total, num_frames, start, stride)
+            indices = _sample_for(path, total, num_frames, start, stride)
             decoded_frames, decoded = _decode(path, indices, limits)
             if len(decoded_frames) < len(indices):
                 raise EymError(f"{path}: only {decoded} frames could be decoded; ask for fewer frames or re-encode the video")

@@ -102,9 +102,14 @@ def _upload(page, elem_id: str, path: Path) -> None:
 
 
 def _clear_video(page, elem_id: str) -> None:
-    button = page.locator(f"#{elem_id} button[aria-label='Clear'], #{elem_id} button[title='Clear']")
-    if button.count():
-        button.first.click()
+    """Empty a video input. After an error a status overlay with its own "Clear" may cover it."""
+    file_input = page.locator(f"#{elem_id} input[type=file]")
+    for _ in range(3):
+        if file_input.count():
+            return
+        page.locator(f"#{elem_id} button[aria-label='Clear']").first.click()
+        page.wait_for_timeout(300)
+    file_input.wait_for(state="attached", timeout=5_000)
 
 
 def _toast(page, pattern: str, timeout: float = 60_000):

@@ -31,7 +31,7 @@ from test_probe import gif_bytes, png_bytes, write_clip
 
 LIMITS = ProbeLimits(timeout_s=10)
 PER_FILE_S = 20.0  # the worker must answer each file within this
-REAL_SEEDS = ("taichi_hd/taichi_copart08.mp4", "clips/mmhuman3d_single_person_basketball.mp4")
+REAL_SEEDS = ("taichi_hd/taichi_copart08.mp4",)  # 256x256, 170 KB: broken copies stay cheap to decode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,14 +50,14 @@ def _patch_atom(data: bytes, atom: bytes, offset: int, value: bytes) -> bytes:
 
 
 def _mutations(seed: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
-    """60 broken variants of one clip: truncations, bit flips, block damage, header lies."""
+    """72 broken variants of one clip: truncations, bit flips, block damage, header lies."""
     n = len(seed)
     out: list[tuple[str, bytes]] = []
     for frac in (0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 0.999):
         out.append((f"trunc{frac}", seed[: max(1, int(n * frac))]))
     for cut in (8, 12, 32, 100, 1000):
         out.append((f"trunc_at{cut}", seed[:cut]))
-    for k in range(24):
+    for k in range(36):
         data = bytearray(seed)
         flips = (1, 4, 16, 64, 256, 2048)[k % 6]
         head_only = k % 2 == 0  # half of them hit the first 8 KB, where the headers live

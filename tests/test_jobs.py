@@ -165,6 +165,20 @@ def test_clear_older_than_and_stale_tmp(home):
     assert [e.path for e in jobs.clear()] == [new]
 
 
+def test_tuning_checkpoints_are_evicted_only_when_stale(home):
+    tuned = home / "tuned"
+    live = tuned / ".partial-live"
+    dead = tuned / ".partial-dead"
+    for folder in (live, dead):
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"c" * 1000)
+    t = time.time() - 2 * jobs.PARTIAL_GRACE_S
+    os.utime(dead, (t, t))
+    states = {e.path.name: (e.state, e.in_use) for e in jobs.list_entries()}
+    assert states == {".partial-live": ("partial", True), ".partial-dead": ("partial", False)}
+    assert [e.path for e in jobs.enforce_cap(0)] == [dead] and live.exists()
+
+
 def test_parse_duration():
     assert [jobs.parse_duration(s) for s in ("90", "90s", "30m", "12h", "7d", "2w", "1.5h")] == [
         90, 90, 1800, 43200, 604800, 1209600, 5400,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 
-import cv2
 import numpy as np
 import pytest
 
@@ -221,9 +219,9 @@ def test_openpose_backend_with_local_weights(random_openpose_weights, monkeypatc
     monkeypatch.setenv("EYM_OPENPOSE_DIR", str(random_openpose_weights))
     backend = get_pose_backend("auto")
     assert backend.name == "openpose"  # auto prefers openpose when its weights are there
-    frames = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    frames = np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
     keypoints = backend.detect(frames)
-    assert keypoints.shape == (2, 18, 3) and keypoints.dtype == np.float32
+    assert keypoints.shape == (1, 18, 3) and keypoints.dtype == np.float32
     assert ((keypoints[..., 2] >= 0) & (keypoints[..., 2] <= 1)).all()
 
 

@@ -184,35 +184,36 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
-@pytest.mark.parametrize("stop_at", [("stage1", 5), ("stage2", 3)])
-def test_resume_equals_uninterrupted(tiny_bundle, tmp_path, stop_at):
-    from eym.models import load_components
-    from eym.spacetime import inflate
-
-    config = TuneConfig(steps1=6, steps2=6, lr=1e-3, checkpoint_every=2)
+@pytest.mark.parametrize("stop_at", [("stage1", 3), ("stage2", 3)])
+def test_resume_equals_uninterrupted(components, tmp_path, stop_at):
+    c = components
+    config = TuneConfig(steps1=4, steps2=4, lr=1e-3, checkpoint_every=2)
     data = random_data()
+    loaded = {k: v.clone() for k, v in c.unet.state_dict().items()}
 
-    def fresh():
-        c = load_components(str(tiny_bundle), device="cpu")
-        inflate(c.unet)  # its temporal modules start random (global RNG); tuning redraws them from the seed
+    def fresh(seed: int):
+        """The UNet as a new process loads it: base weights, temporal modules drawn anew."""
+        c.unet.load_state_dict(loaded)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in c.unet.named_parameters():
+                if ".temporal_attn." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         return c
 
-    a = fresh()
-    reference = tune_dpl(a.unet, a.controlnet, a.scheduler, data, config, disable=True).tensors
-
-    b = fresh()
-    steps_seen = []
+    fresh(1)
+    reference = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, disable=True).tensors
 
     def stop(stage, step, total):
-        steps_seen.append((stage, step))
         if (stage, step) == stop_at:
             raise Interrupt
 
+    fresh(2)
     with pytest.raises(Interrupt):
-        tune_dpl(b.unet, b.controlnet, b.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="job", callback=stop, disable=True)
+        tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="job", callback=stop, disable=True)
     assert (tmp_path / "checkpoint.pt").exists()
 
-    c = fresh()  # a new process: only the checkpoint survives
+    fresh(3)  # only the checkpoint survives the interruption
     resumed_steps = []
     result = tune_dpl(
         c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="job",
@@ -222,6 +223,7 @@ def test_resume_equals_uninterrupted(tiny_bundle, tmp_path, stop_at):
     last_ckpt = (step // 2) * 2  # checkpoints every 2 steps
     assert result.resumed_from == (int(stage[-1]), last_ckpt)
     assert resumed_steps[0] == (stage, last_ckpt + 1)  # it did not start over
+    assert len(resumed_steps) == (8 if stage == "stage1" else 4) - last_ckpt
     assert set(result.tensors) == set(reference)
     for name, value in reference.items():
         assert torch.allclose(result.tensors[name], value, atol=1e-6, rtol=0), name

@@ -202,7 +202,7 @@ def test_missing_empty_and_garbage_files(tmp_path):
 
 
 def test_too_few_frames(mp4):
-    with pytest.raises(EymError, match=r"asked for 20 frames but only 12"):
+    with pytest.raises(EymError, match=r"ramp\.mp4: asked for 20 frames but only 12"):
         read_video(mp4, num_frames=20)
 
 
