@@ -423,7 +423,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             relay("preprocess", 0, 2)
             src = load_source(source, config, limits)
             relay("preprocess", 1, 2)
-            ref = load_motion(mode, reference, preset, src, config, limits, retarget=bool(retarget))
+            # the editor retargets (EditConfig.infer.retarget), so it gets the skeletons as detected
+            ref = load_motion(mode, reference, preset, src, config, limits, retarget=False)
             relay("preprocess", 2, 2)
             return run_job(get_editor(), src, ref, prompts, settings, outputs_dir, relay)
         except JobCancelled:
@@ -588,7 +589,10 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
         with oom_guard(frames=len(source.frames), size=source.frames.shape[1]):
             result = editor.edit(source, reference, prompts, settings, out_dir=job.folder, callback=relay)
         source_mp4 = write_video(source.frames, job.path("source.mp4"), source.fps)
-        skeleton_mp4 = write_video(reference.skeletons, job.path("target_skeletons.mp4"), source.fps)
+        # the skeletons the editing branch was conditioned on (retargeted if asked)
+        skeletons = editor.reference_skeletons(source, reference, retarget=settings.infer.retarget) \
+            if hasattr(editor, "reference_skeletons") else reference.skeletons
+        skeleton_mp4 = write_video(skeletons, job.path("target_skeletons.mp4"), source.fps)
     except BaseException:
         job.finish(ok=False)
         shutil.rmtree(job.folder, ignore_errors=True)

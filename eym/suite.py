@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path, load_entry, stable_hash
+from eym.config import to_dict
 from eym.errors import EymError
 from eym.metrics import METRICS, EvalConfig, EvalReport, evaluate
 
@@ -54,6 +55,7 @@ PAIRS_DIR = "pairs"
 METRICS_FILE = "metrics.json"
 CONTACT_SHEET = "contact_sheet.png"
 EDITED_VIDEO = "edited.mp4"
+CELL = 160  # contact sheet cell side, pixels
 
 # Column headings of the table: the paper's four with their arrows, then ours.
 _HEADINGS = {
@@ -67,7 +69,7 @@ _HEADINGS = {
 # ---------------------------------------------------------------------------------------------
 # Contact sheet
 # ---------------------------------------------------------------------------------------------
-def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: int = 96) -> np.ndarray:
+def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = CELL, label_width: int = 96) -> np.ndarray:
     """Stack videos as labelled rows of frames: one row per video, one column per frame.
 
     Args:
@@ -214,8 +216,6 @@ def _entry_prompts(entry: Any) -> Any:
 
 def _pair_config(entry: Any, edit_config: Any) -> Any:
     """The suite's edit settings with the entry's sampling hints applied (hints win)."""
-    from dataclasses import replace
-
     hints = {k: getattr(entry, k) for k in ("num_frames", "start", "stride") if getattr(entry, k) is not None}
     if not hints:
         return edit_config
@@ -224,8 +224,6 @@ def _pair_config(entry: Any, edit_config: Any) -> Any:
 
 def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig, model: str, controlnet: str | None) -> str:
     """Everything a pair's results depend on: entry, input file contents, model, all settings."""
-    from eym.config import to_dict
-
     return stable_hash({
         "version": SUITE_VERSION,
         "entry": {k: str(v) if isinstance(v, Path) else v for k, v in vars(entry).items()},
@@ -258,7 +256,7 @@ def _driving_keypoints(source: Any, reference: Any, edit_config: Any) -> np.ndar
     return reference.keypoints
 
 
-def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, editor: Any, folder: Path,
+def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, get_editor: Callable[[], Any], folder: Path,
               callback: ProgressCallback | None) -> EvalReport:
     """Preprocess, edit, evaluate and draw one pair into ``folder`` (a temporary build folder)."""
     from eym.pose import draw_skeletons
@@ -268,7 +266,8 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, editor: Any
     prompts = _entry_prompts(entry)
     source = preprocess(entry.source, prep, with_masks=True, callback=callback)
     reference = _reference_clip(entry, source, prep, callback)
-    result = editor.edit(source, reference, prompts, edit_config, out_dir=folder, name=EDITED_VIDEO.removesuffix(".mp4"),
+    # the model is loaded only now: a pair whose inputs are unusable fails before that
+    result = get_editor().edit(source, reference, prompts, edit_config, out_dir=folder, name=EDITED_VIDEO.removesuffix(".mp4"),
                          callback=callback)
     driving = _driving_keypoints(source, reference, edit_config)
 
@@ -285,10 +284,10 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, editor: Any
                       source_masks=source.masks if source.has_masks else None, config=eval_config,
                       settings=settings)
     atomic_write_bytes(folder / METRICS_FILE, report.to_json().encode())
-    size = prep.size
     sheet = contact_sheet({
         "source": source.frames,
-        "reference skeleton": draw_skeletons(driving, size, size),
+        # drawn at the cell size: limbs keep ControlNet's stroke widths instead of being rescaled
+        "reference skeleton": draw_skeletons(driving, CELL, CELL),
         "edited": result.frames,
     })
     write_png(sheet, folder / CONTACT_SHEET)
@@ -342,6 +341,12 @@ def run_suite(
     pairs_dir = out_dir / PAIRS_DIR
     pairs_dir.mkdir(parents=True, exist_ok=True)
 
+    def get_editor() -> Any:
+        nonlocal editor
+        if editor is None:
+            editor = _build_editor(model, controlnet, device, disable_progress)
+        return editor
+
     outcomes: list[PairOutcome] = []
     edits_run = 0
     bar = tqdm(entries, desc="suite", unit="pair", disable=disable_progress)
@@ -357,12 +362,10 @@ def run_suite(
             outcomes.append(PairOutcome(entry.name, folder, report, reused=True))
             logger.info("suite: %s already done (%s), reused", entry.name, folder)
         else:
-            if editor is None:
-                editor = _build_editor(model, controlnet, device, disable_progress)
             started = time.perf_counter()
             try:
                 with building(folder, meta={"key": key, "pair": entry.name, "kind": "eym-suite-pair"}) as tmp:
-                    report = _run_pair(entry, config, eval_config, editor, tmp, callback)
+                    report = _run_pair(entry, config, eval_config, get_editor, tmp, callback)
             except EymError as err:
                 logger.error("suite: pair %s failed: %s", entry.name, err)
                 outcomes.append(PairOutcome(entry.name, folder, None, reused=False, error=str(err)))
@@ -376,8 +379,6 @@ def run_suite(
     result = SuiteResult(pairs=outcomes, table_md=out_dir / "results.md", table_csv=out_dir / "results.csv",
                          edits_run=edits_run)
     _write_tables(result, out_dir)
-    from eym.config import to_dict
-
     atomic_write_json(out_dir / "suite.json", {
         "manifest": str(gallery.manifest), "model": model, "controlnet": controlnet,
         "edit": to_dict(edit_config), "eval": to_dict(eval_config),

@@ -6,8 +6,10 @@ random-weight bundle, and call it with gradio_client exactly as docs/APP.md docu
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -270,9 +272,13 @@ def test_two_jobs_at_once_run_one_after_the_other(server, client):
     first = client.submit(*_edit_args(server.media, "stepping forward").values(), api_name="/edit")
     second = client.submit(*_edit_args(server.media, "kneeling down", seed=1).values(), api_name="/edit")
     out1, out2 = first.result(timeout=300), second.result(timeout=300)
-    job1, job2 = Path(out1[0]).parent, Path(out2[0]).parent
+    # the status line names the job folder; the client hands back downloaded copies
+    job1, job2 = (re.search(r"Saved to `([^`]+)`", out[-1]).group(1) for out in (out1, out2))
     assert job1 != job2
-    info1, info2 = (json.loads((server.outputs / Path(j).name / "job.json").read_text()) for j in (job1, job2))
+    for job in (job1, job2):
+        assert (server.outputs / job / "edited.mp4").is_file() and (server.outputs / job / "source.mp4").is_file()
+    assert not filecmp.cmp(out1[0], out2[0], shallow=False), "different prompts and seeds gave the same video"
+    info1, info2 = (json.loads((server.outputs / j / "job.json").read_text()) for j in (job1, job2))
     spans = sorted([(info1["started"], info1["ended"]), (info2["started"], info2["ended"])])
     assert spans[0][1] <= spans[1][0] + 0.05, "with concurrency 1 the second job starts after the first ends"
 

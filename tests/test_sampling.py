@@ -24,6 +24,16 @@ from eym.spacetime import inflate
 FRAMES = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on the shared 2-core CI box, 2 threads per test
+    process oversubscribe the cores (measured 7x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _embed(components, prompts):
     tok = components.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -131,7 +141,8 @@ def test_two_branch_identical_branches_are_identical_and_reconstruct(model):
     # the editing branch changes, and injection matters for it
     edit = _eps_fn(model, ["a man dancing", "a woman jumping"], [1, 2])
     both = sample_two_branch(edit, z_T, ts, scheduler=components.scheduler, disable=True)
-    assert (both[0] - plain[0]).abs().max() < 1e-5
+    # (batch of 2 vs 1: float32 BLAS sums in another order, amplified over 8 steps -> 1e-4)
+    assert (both[0] - plain[0]).abs().max() < 1e-4
     assert (both[1] - both[0]).abs().max() > 1e-3
     no_injection = sample_two_branch(edit, z_T, ts, scheduler=components.scheduler, inject_steps=0, disable=True)
     assert (no_injection[1] - both[1]).abs().max() > 1e-4

@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -70,17 +68,23 @@ entries:
     content_prompt: A girl in a white crop top and a blue pleated skirt.
     source_prompt: A girl in a white crop top and a blue pleated skirt is dancing on the beach.
     target_prompt: A girl in a white crop top and a blue pleated skirt is dancing with her arms stretched out on the beach.
-  - name: taichi-raise
+  - name: taichi-bow
+    source: taichi_hd/taichi_copart07.mp4
+    reference: taichi_hd/taichi_copart05.mp4
+    subject: A man in a red tai chi suit
+    source_motion: practicing tai chi in a garden
+    target_motion: doing a deep bow stance in a garden
+  - name: no-person  # at 64x64 nobody is found in this reference: the pair fails, the others run
     source: taichi_hd/taichi_copart00.mp4
     reference: taichi_hd/taichi_copart06.mp4
     subject: A man in a white tai chi suit
-    source_motion: practicing tai chi in front of a hedge
-    target_motion: raising both arms in front of a hedge
+    target_motion: raising both arms
 """
 
 
 @pytest.mark.media
-def test_suite_two_pairs_then_resume_without_work(media, tiny_bundle, tiny_clip, torch_home, tmp_path, monkeypatch):
+def test_suite_two_pairs_then_resume_without_work(media, tiny_bundle, tiny_clip, torch_home, tmp_path, monkeypatch,
+                                                  capsys):
     from eym.editor import EditConfig, Editor, InferConfig
     from eym.metrics import EvalConfig
     from eym.preprocess import PreprocessConfig
@@ -97,18 +101,21 @@ def test_suite_two_pairs_then_resume_without_work(media, tiny_bundle, tiny_clip,
     events: list[tuple[str, int, int]] = []
     first = S.run_suite(manifest, out, callback=lambda *e: events.append(e), **kwargs)
 
-    assert first.edits_run == 2 and [p.name for p in first.pairs] == ["dance-arms", "taichi-raise"]
-    assert [e for e in events if e[0] == "suite"] == [("suite", 1, 2), ("suite", 2, 2)]
+    assert first.edits_run == 2 and [p.name for p in first.pairs] == ["dance-arms", "taichi-bow", "no-person"]
+    assert [e for e in events if e[0] == "suite"] == [("suite", 1, 3), ("suite", 2, 3), ("suite", 3, 3)]
+    broken = first.pairs[2]
+    assert broken.report is None and "no person" in broken.error and not broken.folder.exists()
     assert {"preprocess", "stage1", "stage2", "sampling"} <= {e[0] for e in events}  # editor stages forwarded
     # the table: paper columns first, a row per pair, a mean row equal to the mean of the rows
     md = first.table_md.read_text().splitlines()
     assert md[2].startswith("| Pair | TA ↑ | TC ↑ | L-N ↓ | L-S ↓ | PCK ↑")
-    assert md[4].startswith("| dance-arms |") and md[5].startswith("| taichi-raise |") and md[6].startswith("| **mean (2)** |")
+    assert md[4].startswith("| dance-arms |") and md[5].startswith("| taichi-bow |") and md[6].startswith("| **mean (2)** |")
+    assert any(line.startswith("- no-person:") and "no person" in line for line in md)  # listed, not averaged
     rows = list(csv.DictReader(io.StringIO(first.table_csv.read_text())))
-    assert [r["pair"] for r in rows] == ["dance-arms", "taichi-raise", "mean"]
+    assert [r["pair"] for r in rows] == ["dance-arms", "taichi-bow", "mean"]
     for col in ("TA", "TC", "L-N", "L-S", "BG-PSNR", "MAFD"):
         assert float(rows[2][col]) == pytest.approx((float(rows[0][col]) + float(rows[1][col])) / 2)
-    for pair in first.pairs:
+    for pair in first.pairs[:2]:
         # contact sheet: rows source / reference skeleton / edited, 8 frame columns of 160 px + label strip
         from PIL import Image
 
@@ -119,15 +126,23 @@ def test_suite_two_pairs_then_resume_without_work(media, tiny_bundle, tiny_clip,
         assert (pair.folder / S.EDITED_VIDEO).is_file() and (pair.folder / "MANIFEST.json").is_file()
         # the source row of the sheet is the source itself: compare with the pair's own source frames
         assert report["metrics"]["MAFD"]["value"] > 0
-    created = {p.name: json.loads((p.folder / "MANIFEST.json").read_text())["created"] for p in first.pairs}
+    created = {p.name: json.loads((p.folder / "MANIFEST.json").read_text())["created"] for p in first.pairs[:2]}
 
-    # second run: nothing to do, no model loaded, no edit called
+    # second run, through the CLI with the same settings as flags: nothing to do, no model
+    # loaded, no edit called; the failed pair is tried again (it may have been fixed) and fails
+    # before any model is needed
     def no_work(*args, **kwargs):
         raise AssertionError("the second run must not edit or load a model")
 
     monkeypatch.setattr(Editor, "edit", no_work)
     monkeypatch.setattr("eym.models.load_components", no_work)
-    second = S.run_suite(manifest, out, **kwargs)
-    assert second.edits_run == 0 and all(p.reused for p in second.pairs)
-    assert {p.name: json.loads((p.folder / "MANIFEST.json").read_text())["created"] for p in second.pairs} == created
-    assert second.table_csv.read_text() == first.table_csv.read_text()
+    table = first.table_csv.read_text()
+    from eym.cli import main
+
+    code = main(["-q", "suite", str(manifest), "--out", str(out), "--model", str(tiny_bundle), "--device", "cpu",
+                 "--frames", "8", "--size", "64", "--steps1", "2", "--steps2", "2", "--ddim-steps", "3",
+                 "--clip-model", str(tiny_clip)])
+    assert code == 1  # one pair failed
+    assert "3 pairs: 0 edited, 2 reused" in capsys.readouterr().out
+    assert {p.name: json.loads((p.folder / "MANIFEST.json").read_text())["created"] for p in first.pairs[:2]} == created
+    assert first.table_csv.read_text() == table
