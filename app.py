@@ -508,12 +508,13 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         status = gr.Markdown(elem_id="status")
         gr.Markdown("### 4. Result", elem_classes=["eym-section"])
         with gr.Row():
-            out_source = gr.Video(label="Source (as processed)", interactive=False, elem_id="out-source")
-            out_edited = gr.Video(label="Edited", interactive=False, elem_id="out-edited", autoplay=True, loop=True)
-            out_skeleton = gr.Video(label="Target skeletons", interactive=False, elem_id="out-skeleton")
+            out_source = gr.Video(label="Source (as processed)", interactive=False, elem_id="out-source", height=300)
+            out_edited = gr.Video(label="Edited", interactive=False, elem_id="out-edited", autoplay=True,
+                                  loop=True, height=300)
+            out_skeleton = gr.Video(label="Target skeletons", interactive=False, elem_id="out-skeleton", height=300)
         with gr.Row():
             out_side = gr.Video(label="Side by side: source | target skeletons | edited", interactive=False,
-                                elem_id="out-side")
+                                elem_id="out-side", height=240)
             downloads = gr.File(label="Downloads", interactive=False, file_count="multiple", elem_id="downloads")
 
         # -- events --------------------------------------------------------------------------------

@@ -256,6 +256,159 @@ def _run_suite(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# tune / infer / edit: DPL tuning, two-branch inference, the whole edit (issue 3, editor)
+# ---------------------------------------------------------------------------------------------
+def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
+    """Arguments tune, infer and edit share: inputs, prompts, model, sampling of the clips."""
+    p.add_argument("source", help="source video file or folder of numbered frames (the person and background kept)")
+    if reference:
+        p.add_argument("reference", nargs="?", help="reference video/folder whose motion is copied (or use --preset)")
+        p.add_argument("--preset", metavar="NAME", help="a built-in motion instead of a reference video (names in docs/USAGE.md)")
+    g = p.add_argument_group("prompts (docs/USAGE.md: how P_c is derived when not given)")
+    g.add_argument("--source-prompt", required=True, metavar="P_S", help="the source video: subject + its motion, 'A boy in black is dancing.'")
+    g.add_argument("--target-prompt", required=reference, default="", metavar="P_T", help="the edit: subject + the new motion")
+    g.add_argument("--content-prompt", metavar="P_C", help="the subject alone (default: derived from P_s and P_t)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="tiny | hub id | diffusers folder | single-file .safetensors (default: SD 1.5 from the HF cache)")
+    g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--cache-dir", default=None, help="tuned-weights cache (default: $EYM_HOME/tuned)")
+    g = p.add_argument_group("settings (a --settings file first, then these flags)")
+    g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
+    g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
+    g.add_argument("--size", type=int, help="side of the square frames, a multiple of 8 (default 512)")
+    g.add_argument("--seed", type=int, help="seed of tuning (frame order, timesteps, noise) and inference (default 0)")
+    g.add_argument("--steps1", type=int, help="DPL stage 1 steps (default 300)")
+    g.add_argument("--steps2", type=int, help="DPL stage 2 steps (default 300)")
+    g.add_argument("--lr", type=float, help="tuning learning rate (default 3e-5)")
+    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), help="tuning precision (default auto)")
+    if reference:
+        g.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling (default 50)")
+        g.add_argument("--guidance", type=float, help="classifier-free guidance of the branches (default 1.0 = none)")
+        g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up (default all)")
+        g.add_argument("--inject-steps", type=float, help="fraction of the denoising steps that inject, from the first (default 1.0)")
+        g.add_argument("--no-retarget", action="store_true", help="use the reference skeletons as they are (no fitting to the source person)")
+
+
+def _edit_config(args: argparse.Namespace):
+    from eym.config import load_config, replace
+    from eym.editor import EditConfig
+
+    config = load_config(EditConfig, args.settings) if args.settings else EditConfig()
+
+    def given(pairs):
+        return {k: v for k, v in pairs if v is not None}
+
+    prep = given((("num_frames", args.frames), ("size", args.size)))
+    tune = given((("steps1", args.steps1), ("steps2", args.steps2), ("lr", args.lr), ("seed", args.seed),
+                  ("mixed_precision", args.mixed_precision)))
+    infer = given((("seed", args.seed), ("ddim_steps", getattr(args, "ddim_steps", None)),
+                   ("guidance_scale", getattr(args, "guidance", None)), ("inject_layers", getattr(args, "inject_layers", None)),
+                   ("inject_steps", getattr(args, "inject_steps", None))))
+    if getattr(args, "no_retarget", False):
+        infer["retarget"] = False
+    return replace(config, preprocess=replace(config.preprocess, **prep), tune=replace(config.tune, **tune),
+                   infer=replace(config.infer, **infer))
+
+
+def _editor_prompts(args: argparse.Namespace):
+    from eym.editor import derive_prompts
+
+    prompts = derive_prompts(content=args.content_prompt, source=args.source_prompt, target=args.target_prompt)
+    if not args.content_prompt:
+        print(f"content prompt (derived): {prompts.content}")
+    return prompts
+
+
+def _load_editor(args: argparse.Namespace):
+    from eym.editor import Editor
+    from eym.models import DEFAULT_MODEL, describe, load_components
+
+    components = load_components(args.model or DEFAULT_MODEL, args.controlnet, device=args.device)
+    logging.getLogger("eym").info("model: %s", describe(components))
+    return Editor(components, cache_dir=args.cache_dir, disable_progress=args.quiet)
+
+
+def _reference_arg(args: argparse.Namespace) -> str:
+    if bool(args.reference) == bool(args.preset):
+        raise EymError("give either a REFERENCE video or --preset NAME (not both, not neither)")
+    return args.reference or args.preset
+
+
+def _print_tuning(tuned) -> None:
+    if tuned.reused:
+        print(f"tuning: reused cached tuned weights {tuned.path} (no tuning steps ran)")
+    else:
+        tune = tuned.manifest["tune"]
+        print(f"tuning: ran {tune['steps1']} + {tune['steps2']} steps in {tuned.manifest['seconds']:.1f} s -> {tuned.path}")
+
+
+@_command("tune", "DPL-tune the model on a source video (stage 1 + 2), or find it already tuned; prints the folder")
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    _add_editor_inputs(p, reference=False)
+
+
+@_runner("tune")
+def _run_tune(args: argparse.Namespace) -> int:
+    config = _edit_config(args)
+    prompts = _editor_prompts(args)
+    editor = _load_editor(args)
+    source = editor.load_source(args.source, config)
+    tuned = editor.tune(source, prompts, config.tune)
+    _print_tuning(tuned)
+    print(tuned.path)
+    return 0
+
+
+@_command("infer", "edit with weights tuned before (eym tune): inversion + two-branch sampling, never tunes")
+def _add_infer(p: argparse.ArgumentParser) -> None:
+    _add_editor_inputs(p, reference=True)
+    p.add_argument("--tuned", metavar="DIR", help="tuned-weights folder (default: the cached one for this source and settings)")
+    p.add_argument("--out", required=True, help="edited video (.mp4); NAME.side_by_side.mp4 and NAME.settings.json go next to it")
+
+
+@_runner("infer")
+def _run_infer(args: argparse.Namespace) -> int:
+    return _edit_or_infer(args, tune=False)
+
+
+@_command("edit", "the whole edit: preprocess, tune (or reuse), infer; writes the video, a side-by-side and settings")
+def _add_edit(p: argparse.ArgumentParser) -> None:
+    _add_editor_inputs(p, reference=True)
+    p.add_argument("--out", required=True, help="edited video (.mp4); NAME.side_by_side.mp4 and NAME.settings.json go next to it")
+
+
+@_runner("edit")
+def _run_edit(args: argparse.Namespace) -> int:
+    return _edit_or_infer(args, tune=True)
+
+
+def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise EymError(f"--out {args.out!r} must be an .mp4 file name")
+    reference = _reference_arg(args)
+    config = _edit_config(args)
+    prompts = _editor_prompts(args)
+    editor = _load_editor(args)
+    source = editor.load_source(args.source, config)
+    tuned = None
+    if not tune:
+        tuned = editor.open_tuned(args.tuned) if args.tuned else editor.find_tuned(source, prompts, config.tune)
+        if tuned is None:
+            raise EymError(f"no tuned weights for {args.source} with these prompts and settings; run `eym tune` first (or `eym edit`)")
+    result = editor.edit(source, reference, prompts, config, out_dir=out.parent, name=out.stem, tuned=tuned)
+    if tune:
+        print("tuning: reused cached tuned weights (no tuning steps ran)" if result.reused_tuning else "tuning: tuned on the source")
+    print(f"side by side: {result.side_by_side}")
+    print(f"settings: {result.settings}")
+    print(result.video)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # (further commands are added below, one section each)
 # ---------------------------------------------------------------------------------------------
 

@@ -548,6 +548,7 @@ class Editor:
         *,
         out_dir: str | Path,
         name: str = "edited",
+        tuned: TunedWeights | None = None,
         callback: ProgressCallback | None = None,
     ) -> EditResult:
         """Preprocess, tune (or reuse), infer, and write the results.
@@ -559,6 +560,7 @@ class Editor:
             config: :class:`EditConfig`; the source's frame count and size come from ``config.preprocess``.
             out_dir: where ``<name>.mp4``, ``<name>.side_by_side.mp4`` and ``<name>.settings.json`` go.
             name: file name stem of the outputs.
+            tuned: use these tuned weights instead of tuning (or looking up the cache).
             callback: progress of every stage ("preprocess", "stage1", ..., "decode").
 
         Returns:
@@ -571,7 +573,8 @@ class Editor:
         started = time.perf_counter()
         source_clip = self.load_source(source, config, callback=callback)
         reference_clip = self.load_reference(reference, source_clip, config, callback=callback)
-        tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
+        if tuned is None:
+            tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
         frames = self.infer(source_clip, reference_clip, prompts, tuned, config.infer, callback=callback)
         ref_skeletons = self.reference_skeletons(source_clip, reference_clip, retarget=config.infer.retarget)
 

@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,12 +91,10 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalConfig":
-        """Build from a dict (JSON/YAML), rejecting keys this config does not have."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EymError(f"unknown eval setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """Build from a dict (JSON/YAML), rejecting unknown keys and values of the wrong type."""
+        from eym.config import from_dict
+
+        return from_dict(cls, data, where="eval")
 
 
 # ---------------------------------------------------------------------------------------------

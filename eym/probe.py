@@ -49,6 +49,7 @@ FRAME_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # A folder of frames carries no frame rate; this is the one we assume (the paper's clips are
 # 8-frame sequences played at 8 fps).
 FRAMES_FPS = 8.0
+SNIFF_BYTES = 512  # how much of a file's start the container check reads
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def probe(path: str | os.PathLike, *, limits: ProbeLimits = ProbeLimits(), min_f
                 "upload a shorter or more compressed clip"
             )
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(SNIFF_BYTES)
         if sniff_container(head) is None:
             raise EymError(
                 f"{name} is not a video this tool reads (mp4, mov, mkv, webm, avi, gif, mpeg, ogg); "
@@ -160,7 +161,7 @@ def probe(path: str | os.PathLike, *, limits: ProbeLimits = ProbeLimits(), min_f
 
 
 def sniff_container(head: bytes) -> str | None:
-    """The av/ffmpeg demuxer for a file starting with ``head`` (>= 16 bytes), or None if not allowed."""
+    """The av/ffmpeg demuxer for a file starting with ``head`` (:data:`SNIFF_BYTES` bytes), or None if not allowed."""
     if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"):
         return "mov"
     if head.startswith(b"\x1a\x45\xdf\xa3"):
@@ -173,8 +174,8 @@ def sniff_container(head: bytes) -> str | None:
         return "mpeg"
     if head.startswith(b"OggS"):
         return "ogg"
-    if len(head) >= 1 and head[0] == 0x47 and (len(head) < 189 or head[188] == 0x47):
-        return "mpegts"  # TS sync byte (callers read 64 bytes; the worker confirms the stream)
+    if len(head) >= 377 and head[0] == head[188] == head[376] == 0x47:
+        return "mpegts"  # a sync byte at the start of three 188-byte transport packets
     return None
 
 
@@ -206,7 +207,9 @@ def _run_worker(path: Path, kind: str, limits: ProbeLimits) -> dict[str, Any]:
             if proc.returncode < 0 and -proc.returncode in signal.valid_signals()
             else "the reader failed"
         )
-        logger.warning("probe of %s failed (rc=%s): %s", path, proc.returncode, proc.stderr[-2000:])
+        logger.warning(
+            "probe of %s failed (rc=%s): %s", path, proc.returncode, proc.stderr[-2000:].decode(errors="replace")
+        )
         raise EymError(f"{name} could not be read: {why}; the file is damaged or not a video, re-encode it to mp4")
     reply = json.loads(lines[-1])
     if not reply["ok"]:
@@ -241,7 +244,7 @@ def _probe_video(path: Path, lim: dict[str, Any]) -> dict[str, Any]:
 
     name = path.name
     with open(path, "rb") as f:
-        fmt = sniff_container(f.read(256))
+        fmt = sniff_container(f.read(SNIFF_BYTES))
     size = path.stat().st_size
     if fmt == "gif":
         # ffmpeg leaves the size of an over-large GIF canvas blank; the header states it plainly.
@@ -319,10 +322,12 @@ def _probe_video(path: Path, lim: dict[str, Any]) -> dict[str, Any]:
             count = packets
     if fps == 0.0:
         fps = count / duration if duration > 0 else FRAMES_FPS
-    if duration <= 0.0:
-        duration = count / fps
-    if duration > lim["max_seconds"]:
-        raise _Refused(f"{name} lasts {duration:.0f} s, over the {lim['max_seconds']:g} s limit; trim the clip")
+    # Frames over the rate is what the reader will see; container durations of streams without
+    # an index (mpeg-ps, ts) are estimates. The limit applies to the larger of the two.
+    declared_duration, duration = duration, count / fps
+    longest = max(duration, declared_duration)
+    if longest > lim["max_seconds"]:
+        raise _Refused(f"{name} lasts {longest:.0f} s, over the {lim['max_seconds']:g} s limit; trim the clip")
     return {
         "width": width, "height": height, "fps": fps, "frame_count": count, "duration": duration,
         "codec": codec, "size_bytes": size,

@@ -267,8 +267,8 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, get_editor:
     source = preprocess(entry.source, prep, with_masks=True, callback=callback)
     reference = _reference_clip(entry, source, prep, callback)
     # the model is loaded only now: a pair whose inputs are unusable fails before that
-    result = get_editor().edit(source, reference, prompts, edit_config, out_dir=folder, name=EDITED_VIDEO.removesuffix(".mp4"),
-                         callback=callback)
+    result = get_editor().edit(source, reference, prompts, edit_config, out_dir=folder,
+                               name=Path(EDITED_VIDEO).stem, callback=callback)
     driving = _driving_keypoints(source, reference, edit_config)
 
     settings = {

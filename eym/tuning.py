@@ -313,7 +313,7 @@ def train_stage(
     name = f"stage{stage}"
     total = config.steps1 if stage == 1 else config.steps2
     device = next(unet.parameters()).device
-    base_dtype = next(unet.parameters()).dtype
+    base_dtype = unet.conv_in.weight.dtype  # never trained, so never left in fp32
     F = data.num_frames
     num_train_timesteps = scheduler.config.num_train_timesteps
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -334,6 +334,12 @@ def train_stage(
         p.requires_grad_(True)
     logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
 
+    if resolve_mixed_precision(config.mixed_precision, device) == "no" and base_dtype != torch.float32:
+        # the trained tensors are fp32; without autocast they cannot meet the frozen half-precision ones
+        raise EymError(
+            f"mixed_precision 'no' needs float32 weights, the model is {str(base_dtype).replace('torch.', '')}; "
+            "use mixed_precision 'auto' or load the model in float32"
+        )
     accelerator = _accelerator(config.mixed_precision, device)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)

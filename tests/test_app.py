@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import types
 import urllib.request
 from pathlib import Path
@@ -300,3 +299,30 @@ def test_api_errors_are_messages_and_the_app_keeps_serving(server, client, tmp_p
     frames, *_ = client.predict(_edit_args(server.media, "x")["source"], app.MOTION_REFERENCE, None, None,
                                 8, 0, 0, 64, True, api_name="/preview")
     assert Path(frames).is_file()
+
+
+def test_cancelled_job_leaves_no_folder_behind(tmp_path):
+    """Cancel raises at the editor's next callback; the job folder (and anything in it) is removed."""
+    from eym.preprocess import clip_from_keypoints
+    from eym.presets import preset_motion
+
+    clip = clip_from_keypoints(preset_motion("wave", 4), 64, 8.0)
+    cancel = threading.Event()
+    relay = app.ProgressRelay(None, cancel)
+    editor = FakeEditor()
+    settings = types.SimpleNamespace(infer=types.SimpleNamespace(retarget=False))
+    out = app.run_job(editor, clip, clip, None, settings, tmp_path, relay)
+    assert Path(out[0]).is_file() and "Saved to" in out[-1]
+    done = {p.name for p in tmp_path.iterdir()}
+
+    original = editor.edit
+
+    def edit_then_cancel(*args, **kwargs):
+        (Path(kwargs["out_dir"]) / "partial.mp4").write_bytes(b"half")
+        cancel.set()
+        return original(*args, **kwargs)
+
+    editor.edit = edit_then_cancel
+    with pytest.raises(app.JobCancelled):
+        app.run_job(editor, clip, clip, None, settings, tmp_path, relay)
+    assert {p.name for p in tmp_path.iterdir()} == done, "the cancelled job's folder must be gone"

@@ -108,7 +108,7 @@ def _standalone(tmp: Path, rng: random.Random) -> list[Path]:
         "mkv_magic_only.mkv": b"\x1a\x45\xdf\xa3" + b"\x00" * 100,
         "avi_magic_only.avi": b"RIFF\x00\x00\x00\x00AVI LIST" + b"\x00" * 100,
         "ogg_magic.ogv": b"OggS" + rng.randbytes(500),
-        "ts_sync.ts": b"\x47" + rng.randbytes(187) + b"\x47" + rng.randbytes(1000),
+        "ts_sync.ts": b"".join(b"\x47" + rng.randbytes(187) for _ in range(6)),
         "mpeg_ps.mpg": b"\x00\x00\x01\xba" + rng.randbytes(1000),
         "text.mp4": b"this is not a video\n" * 50,
         "json.mp4": json.dumps({"frames": 10**12, "width": 60000}).encode(),

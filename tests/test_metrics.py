@@ -125,13 +125,14 @@ def test_clip_unavailable_is_a_reason_not_a_number(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # LPIPS metrics: L-N, L-S
 # ---------------------------------------------------------------------------------------------
-def _lpips_reference(trunk_file: Path, a: np.ndarray, b: np.ndarray) -> float:
+def _lpips_reference(trunk_file: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
     """LPIPS v0.1 written out from its definition (Zhang et al. 2018) with the same weight files."""
     import lpips
     from torchvision.models import alexnet
 
     net = alexnet(weights=None)
     net.load_state_dict(torch.load(trunk_file, map_location="cpu"))
+    net = net.features.double()
     lin = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu")
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
@@ -139,18 +140,21 @@ def _lpips_reference(trunk_file: Path, a: np.ndarray, b: np.ndarray) -> float:
     def feats(x: np.ndarray) -> list[torch.Tensor]:
         h = (torch.from_numpy(x).permute(2, 0, 1)[None].double() / 255 * 2 - 1 - shift) / scale
         out = []
-        for i, layer in enumerate(net.features.double()):
+        for i, layer in enumerate(net):
             h = layer(h)
             if i in (1, 4, 7, 9, 11):  # the ReLU after each conv
                 out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
-    total = 0.0
+    out = []
     with torch.no_grad():
-        for k, (fa, fb) in enumerate(zip(feats(a), feats(b))):
-            w = lin[f"lin{k}.model.1.weight"].double()  # (1, C, 1, 1)
-            total += ((fa - fb) ** 2 * w).sum(1).mean().item()
-    return total
+        for a, b in pairs:
+            total = 0.0
+            for k, (fa, fb) in enumerate(zip(feats(a), feats(b))):
+                w = lin[f"lin{k}.model.1.weight"].double()  # (1, C, 1, 1)
+                total += ((fa - fb) ** 2 * w).sum(1).mean().item()
+            out.append(total)
+    return out
 
 
 def test_lpips_through_real_loading_path(torch_home, monkeypatch):
@@ -160,8 +164,8 @@ def test_lpips_through_real_loading_path(torch_home, monkeypatch):
     report = M.evaluate(a, b, "x", config=cfg)
     trunk = Path(report.models["lpips"]["trunk_weights"])
     assert trunk.is_relative_to(torch_home)
-    want_ls = np.mean([_lpips_reference(trunk, x, y) for x, y in zip(a, b)])
-    want_ln = np.mean([_lpips_reference(trunk, x, y) for x, y in zip(a[:-1], a[1:])])
+    want = _lpips_reference(trunk, [*zip(a, b), *zip(a[:-1], a[1:])])
+    want_ls, want_ln = np.mean(want[:3]), np.mean(want[3:])
     assert report.metrics["L-S"].value == pytest.approx(want_ls, rel=1e-4)
     assert report.metrics["L-N"].value == pytest.approx(want_ln, rel=1e-4)
     # best values: a video against itself, a still video against its neighbours
@@ -388,11 +392,14 @@ def test_eval_cli_writes_json_and_reports_bad_sampling(media, tmp_path, tiny_cli
     source = media / "taichi_hd" / "taichi_copart00.mp4"
     sampled = read_video(source, num_frames=6, size=96, start=10, stride=3)
     edited = write_mp4(sampled.frames, tmp_path / "edited.mp4", fps=sampled.fps)  # "edited" = the source itself
-    common = ["eval", str(edited), "--source", str(source), "--reference", str(source), "--target-prompt",
-              "A man is raising both arms.", "--size", "96", "--start", "10", "--stride", "3",
-              "--clip-model", str(tiny_clip), "--metrics", "clip,motion,background,temporal"]
+
+    def eval_args(*, frames: int = 6, reference: str = str(source), metrics: str = "clip,motion,background,temporal"):
+        return ["eval", str(edited), "--source", str(source), "--reference", reference, "--target-prompt",
+                "A man is raising both arms.", "--frames", str(frames), "--size", "96", "--start", "10",
+                "--stride", "3", "--clip-model", str(tiny_clip), "--metrics", metrics]
+
     out = tmp_path / "report.json"
-    assert main([*common, "--frames", "6", "--json", str(out)]) == 0
+    assert main([*eval_args(), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["sampling"] == {"num_frames": 6, "size": 96, "start": 10, "stride": 3,
                                               "resize_mode": "crop"}
@@ -404,6 +411,15 @@ def test_eval_cli_writes_json_and_reports_bad_sampling(media, tmp_path, tiny_cli
     assert "PCK" in capsys.readouterr().out
 
     # sampled differently from the edit: one line naming the problem, exit code 2
-    assert main([*common, "--frames", "8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "--frames" in err and "\n" not in err
+    assert main(eval_args(frames=8)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (log lines aside)
+    assert len(errors) == 1 and "--frames" in errors[0]
+
+    # a preset motion as the reference: a man doing tai chi matches "raise arms" worse than himself
+    preset = tmp_path / "preset.json"
+    assert main([*eval_args(reference="raise_arms", metrics="motion"), "--json", str(preset)]) == 0
+    got = json.loads(preset.read_text())
+    assert got["settings"]["inputs"]["reference"] == "preset:raise_arms"
+    assert got["metrics"]["PCK"]["value"] < values["PCK"]
+    assert main(eval_args(reference="moonwalk", metrics="motion")) == 2
+    assert "moonwalk" in capsys.readouterr().err

@@ -91,6 +91,31 @@ def test_frame_count_matches_a_full_decode(clip):
     assert probe(clip).frame_count == decoded
 
 
+@pytest.mark.parametrize(
+    "suffix, codec, decoder",
+    [(".mov", "libx264", "h264"), (".mkv", "libx264", "h264"), (".webm", "libvpx", "vp8"),
+     (".avi", "mpeg4", "mpeg4"), (".ts", "mpeg2video", "mpeg2video"), (".mpg", "mpeg2video", "mpeg2video"),
+     (".ogv", "libtheora", "theora"), (".gif", "gif", "gif")],  # fmt: skip
+)
+def test_every_allowed_container_reads(tmp_path, suffix, codec, decoder):
+    """The container is forced from the file's signature: each allowed one must still open."""
+    import imageio_ffmpeg
+
+    path = tmp_path / f"clip{suffix}"
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (48, 32), fps=10, codec=codec, macro_block_size=1, output_params=["-loglevel", "error"],
+        pix_fmt_out="rgb8" if codec == "gif" else "yuv420p",
+    )  # fmt: skip
+    writer.send(None)
+    for i in range(10):
+        writer.send(np.full((32, 48, 3), i * 20, np.uint8))
+    writer.close()
+    info = probe(path)
+    assert (info.width, info.height, info.codec) == (48, 32, decoder)
+    assert 9 <= info.frame_count <= 10  # some muxers drop/merge a final duplicate frame
+    assert info.fps == pytest.approx(10.0, rel=0.05) and info.duration == pytest.approx(1.0, abs=0.15)
+
+
 @pytest.mark.media
 def test_real_footage_matches_the_index(media):
     rows = list(csv.DictReader(open(media / "INDEX.tsv"), delimiter="\t"))
@@ -240,12 +265,20 @@ def test_crashing_or_hanging_decoder_is_contained(tmp_path, clip, monkeypatch):
     assert time.perf_counter() - t0 < 5
 
 
+def test_probe_process_runs_under_a_memory_limit(clip):
+    """The limit is real: with 64 MB of address space the probe process cannot even load its decoder."""
+    _refused(clip, r"clip.mp4 could not be read", limits=ProbeLimits(max_memory_mb=64))
+    assert probe(clip).frame_count == 12  # and the default leaves room for real work
+
+
 def test_sniff_container():
     assert sniff_container(b"\x00\x00\x00\x20ftypisom" + b"\x00" * 8) == "mov"
     assert sniff_container(b"\x1a\x45\xdf\xa3" + b"\x00" * 12) == "matroska"
     assert sniff_container(b"RIFF\x00\x00\x00\x00AVI LIST") == "avi"
     assert sniff_container(b"GIF89a" + b"\x00" * 10) == "gif"
     assert sniff_container(b"#EXTM3U\n" + b"\x00" * 8) is None
+    assert sniff_container(b"".join(b"\x47" + bytes(187) for _ in range(3))) == "mpegts"
+    assert sniff_container(b"GET / HTTP/1.1\r\n" + bytes(500)) is None  # one 'G' is not a stream
     assert sniff_container(png_bytes(1, 1)[:16]) is None
 
 

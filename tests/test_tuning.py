@@ -18,6 +18,7 @@ from PIL import Image
 
 from eym.tuning import (
     TuneConfig,
+    init_temporal_attention,
     TuningData,
     noise_constraint_loss,
     predict_noise,
@@ -49,6 +50,16 @@ def case_clip(media: Path, size: int = 64, folder: str = "images", condition: st
         content_hash=hashlib.sha256(frames.tobytes()).hexdigest(),
         path=case / folder,
     )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads; on a shared 2-core machine
+    two threads per process make them several times slower (measured: 30-60 vs 250-500 ms/step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -157,24 +168,30 @@ def denoising_loss(c, latents, embeds, control, timesteps=(50, 200, 400, 600, 80
 
 @pytest.mark.media
 def test_tuning_overfits_one_real_clip(components, media):
-    """A few hundred steps per stage lower the clip's denoising loss clearly.
+    """200 steps per stage lower the clip's denoising loss clearly, and stage 2 adds to stage 1.
 
     The learning rate is 1e-3 here: the paper's 3e-5 is for SD 1.5's scale and would barely
-    move the tiny model's random weights in this many steps.
+    move the tiny model's random weights in this many steps. (Measured: 1.13 -> 0.70 after
+    stage 1 -> 0.65 after stage 2.)
     """
     c = components
-    clip = case_clip(media)
-    data = tuning_data(c, clip)
-    config = TuneConfig(steps1=250, steps2=250, lr=1e-3, checkpoint_every=0)
+    data = tuning_data(c, case_clip(media))
+    config = TuneConfig(steps1=200, steps2=200, lr=1e-3, checkpoint_every=0)
+    init_temporal_attention(c.unet, config.seed)  # as tune_dpl does; the stages are run one by one
     stage1_before = denoising_loss(c, data.masked_latents, data.content_embeds, data.control_images)
-    stage2_before = denoising_loss(c, data.latents, data.source_embeds, data.control_images)
-    result = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, disable=True)
+    ordered_before = denoising_loss(c, data.latents, data.source_embeds, data.control_images)
+    log = []
+    train_stage(1, c.unet, c.controlnet, c.scheduler, data, config, log_fn=log.append, disable=True)
     stage1_after = denoising_loss(c, data.masked_latents, data.content_embeds, data.control_images)
-    stage2_after = denoising_loss(c, data.latents, data.source_embeds, data.control_images)
+    ordered_mid = denoising_loss(c, data.latents, data.source_embeds, data.control_images)
+    train_stage(2, c.unet, c.controlnet, c.scheduler, data, config, log_fn=log.append, disable=True)
+    ordered_after = denoising_loss(c, data.latents, data.source_embeds, data.control_images)
+
     assert stage1_after < 0.7 * stage1_before, (stage1_before, stage1_after)
-    assert stage2_after < 0.7 * stage2_before, (stage2_before, stage2_after)
-    assert [r["stage"] for r in result.history] == [1] * 250 + [2] * 250
-    assert {"loss", "lr", "stage", "step"} <= set(result.history[-1])
+    assert ordered_after < 0.7 * ordered_before, (ordered_before, ordered_after)
+    assert ordered_after < 0.97 * ordered_mid, (ordered_mid, ordered_after)  # stage 2 itself learned
+    assert [r["stage"] for r in log] == [1] * 200 + [2] * 200
+    assert {"loss", "lr", "stage", "step", "loss_rec", "loss_noise"} <= set(log[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""The Editor API (eym/editor.py) and the tune/infer/edit CLI: prompts, the tuned-weights cache,
+base-weight restoring between sources, reproducibility, bad input, and `eym edit` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eym.config import from_dict, to_dict
+from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts, inject_step_indices
+from eym.errors import EymError
+from eym.tuning import TuneConfig
+
+SOURCE_PROMPT = "A girl in a white crop top and a blue pleated skirt is dancing on the beach."
+TARGET_PROMPT = "A girl in a white crop top and a blue pleated skirt is dancing with her arms stretched out on the beach."
+PROMPTS = derive_prompts(source=SOURCE_PROMPT, target=TARGET_PROMPT)
+FAST = TuneConfig(steps1=2, steps2=2, lr=1e-3, checkpoint_every=1)
+FAST_INFER = InferConfig(ddim_steps=3, retarget=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny-model ops gain nothing from threads; on a shared 2-core machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def case_clip(media: Path, folder: str = "images", condition: str = "source_condition", case: str = "case-1", size: int = 64):
+    """A Clip-like object from MotionEditor: frames, person masks, skeleton images (no detection)."""
+    root = media / "MotionEditor" / case
+
+    def read(sub: str, mode: str) -> np.ndarray:
+        files = sorted((root / sub).glob("*.png"))
+        return np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
+
+    frames = read(folder, "RGB")
+    return SimpleNamespace(
+        frames=frames,
+        masks=read("man.mask", "L") > 127,
+        skeletons=read(f"{condition}/openposefull", "RGB"),
+        keypoints=None,
+        fps=8.0,
+        content_hash=hashlib.sha256(frames.tobytes()).hexdigest(),
+        path=root / folder,
+    )
+
+
+@pytest.fixture(scope="module")
+def components(tiny_bundle):
+    """This module's own tiny model: the Editor inflates and tunes it in place."""
+    from eym.models import load_components
+
+    return load_components(str(tiny_bundle), device="cpu")
+
+
+@pytest.fixture
+def editor(components, tmp_path):
+    return Editor(components, cache_dir=tmp_path / "tuned", disable_progress=True)
+
+
+class Steps:
+    """A progress callback that counts tuning steps."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, stage, step, total):
+        self.calls.append((stage, step, total))
+
+    @property
+    def tuning(self):
+        return [c for c in self.calls if c[0] in ("stage1", "stage2")]
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts and settings (no model)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "source, target, content",
+    [
+        (SOURCE_PROMPT, TARGET_PROMPT, "A girl in a white crop top and a blue pleated skirt."),
+        ("A boy in black is dancing.", "A boy in black is playing basketball.", "A boy in black."),
+        # the cut is at the motion phrase both prompts still share, not at the first "is"
+        ("A girl who is wearing a dress is dancing", "A girl who is wearing a dress is jumping", "A girl who is wearing a dress."),
+        ("two kids are running", "", "Two kids."),  # no target: the last "is/are <verb>ing"
+        ("A man jumps.", "A man runs.", "A man jumps."),  # no motion phrase: P_s itself
+    ],
+)
+def test_content_prompt_is_derived_from_the_motion_phrase(source, target, content):
+    assert derive_content_prompt(source, target) == content
+
+
+def test_derive_prompts_from_subject_and_motions():
+    p = derive_prompts("a girl in red", "dancing on the beach", "is waving both arms")
+    assert p == Prompts("A girl in red.", "A girl in red is dancing on the beach.", "A girl in red is waving both arms.")
+    assert derive_prompts(source="A man is running.", target="A man is jumping.", content="A man.").content == "A man."
+    assert derive_prompts("a cat", "jumping", None).target == ""
+    with pytest.raises(EymError, match="no source prompt"):
+        derive_prompts(source="  ", target="x")
+
+
+def test_edit_config_round_trips_and_rejects_typos():
+    config = from_dict(EditConfig, {"preprocess": {"num_frames": 4, "size": 64}, "tune": {"steps1": 5},
+                                    "infer": {"inject_steps": [0.2, 0.6], "guidance_scale": 2}})
+    assert from_dict(EditConfig, json.loads(json.dumps(to_dict(config)))) == config
+    with pytest.raises(EymError, match=r"EditConfig.infer: unknown setting\(s\) 'guidance'"):
+        from_dict(EditConfig, {"infer": {"guidance": 2.0}})
+    with pytest.raises(EymError, match="inject_steps"):
+        InferConfig(inject_steps=(0.7, 0.2))
+    with pytest.raises(EymError, match="inject_layers"):
+        InferConfig(inject_layers="sideways")
+
+
+def test_inject_step_window():
+    assert inject_step_indices(InferConfig(inject_steps=1.0), 10) == list(range(10))
+    assert inject_step_indices(InferConfig(inject_steps=0.5), 10) == [0, 1, 2, 3, 4]
+    assert inject_step_indices(InferConfig(inject_steps=(0.2, 0.6)), 10) == [2, 3, 4, 5]
+    assert inject_step_indices(InferConfig(inject_steps=0.0), 10) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the tuned-weights cache
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.media
+def test_tuning_cache_reuse_retune_and_damage(editor, media):
+    source = case_clip(media)
+    first_steps = Steps()
+    first = editor.tune(source, PROMPTS, FAST, callback=first_steps)
+    assert not first.reused and len(first_steps.tuning) == 4
+    assert (first.path / "tuned.safetensors").is_file() and not list(editor.cache_dir.glob(".partial-*"))
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    assert manifest["source"]["content_hash"] == source.content_hash
+    assert manifest["prompts"] == {"content": PROMPTS.content, "source": PROMPTS.source}
+    assert manifest["model"] == editor.components.model_id and manifest["tune"]["steps1"] == 2
+
+    # same source and settings: reused, no tuning step; P_t is not part of the key
+    again_steps = Steps()
+    again = editor.tune(source, dc_replace(PROMPTS, target="A girl is jumping."), FAST, callback=again_steps)
+    assert again.reused and again.path == first.path and again_steps.tuning == []
+    # bookkeeping settings do not matter, settings that change the result do
+    assert editor.tune(source, PROMPTS, dc_replace(FAST, checkpoint_every=7)).reused
+    other = editor.tune(source, PROMPTS, dc_replace(FAST, steps1=3))
+    assert not other.reused and other.path != first.path
+    assert not editor.tune(source, dc_replace(PROMPTS, source="A girl is walking."), FAST).reused
+
+    # a damaged tensors file is detected (sha256 manifest) and tuned again cleanly
+    tensors = first.path / "tuned.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-64] + b"\0" * 64)
+    redo_steps = Steps()
+    redo = editor.tune(source, PROMPTS, FAST, callback=redo_steps)
+    assert not redo.reused and len(redo_steps.tuning) == 4
+    assert editor.tune(source, PROMPTS, FAST).reused
+
+
+@pytest.mark.media
+def test_tuned_weights_of_another_base_model_are_not_used(editor, media, tmp_path):
+    from eym.models import build_tiny_bundle, load_components
+
+    source = case_clip(media)
+    tuned_a = editor.tune(source, PROMPTS, FAST)
+    other = load_components(str(build_tiny_bundle(tmp_path / "seed1", seed=1)), device="cpu")
+    editor_b = Editor(other, cache_dir=editor.cache_dir, disable_progress=True)
+    steps = Steps()
+    assert not editor_b.tune(source, PROMPTS, FAST, callback=steps).reused and steps.tuning
+    with pytest.raises(EymError, match="was tuned from"):
+        editor_b.open_tuned(tuned_a.path)
+    with pytest.raises(EymError, match="not an intact tuned-weights folder"):
+        editor.open_tuned(tmp_path)
+
+
+@pytest.mark.media
+def test_tuning_a_second_source_starts_from_the_base_weights(components, media, tmp_path):
+    """Tuning B after A gives what tuning B alone gives: A's tensors are swapped out first."""
+    from safetensors.torch import load_file
+
+    source_a, source_b = case_clip(media), case_clip(media, case="case-2")
+    editor = Editor(components, cache_dir=tmp_path / "one", disable_progress=True)
+    editor.tune(source_a, PROMPTS, FAST)
+    after_a = load_file(editor.tune(source_b, PROMPTS, FAST).tensors_path)
+    alone = Editor(components, cache_dir=tmp_path / "two", disable_progress=True)
+    alone._restore_base()
+    b_alone = load_file(alone.tune(source_b, PROMPTS, FAST).tensors_path)
+    assert set(after_a) == set(b_alone)
+    for name in b_alone:
+        assert torch.equal(after_a[name], b_alone[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.media
+def test_infer_is_reproducible_and_checks_its_inputs(editor, media, caplog):
+    source = case_clip(media)
+    reference = case_clip(media, folder="target_images", condition="target_condition")
+    tuned = editor.tune(source, PROMPTS, FAST)
+    steps = Steps()
+    frames = editor.infer(source, reference, PROMPTS, tuned, FAST_INFER, callback=steps)
+    assert frames.shape == source.frames.shape and frames.dtype == np.uint8
+    assert {c[0] for c in steps.calls} == {"inversion", "sampling", "decode"}
+    # tuning another source in between must not change this source's edit
+    editor.tune(case_clip(media, case="case-2"), PROMPTS, FAST)
+    again = editor.infer(source, reference, PROMPTS, tuned, FAST_INFER)
+    assert np.array_equal(frames, again)
+    # the reference drives the edit
+    other = editor.infer(source, source, PROMPTS, tuned, FAST_INFER)
+    assert not np.array_equal(frames, other)
+
+    with pytest.raises(EymError, match="target prompt"):
+        editor.infer(source, reference, dc_replace(PROMPTS, target=" "), tuned, FAST_INFER)
+    short = SimpleNamespace(**{**vars(reference), "frames": reference.frames[:5], "skeletons": reference.skeletons[:5]})
+    with pytest.raises(EymError, match="reference has 5 frames and the source 8"):
+        editor.infer(source, short, PROMPTS, tuned, FAST_INFER)
+    with pytest.raises(EymError, match="another source"):
+        editor.infer(reference, source, PROMPTS, tuned, FAST_INFER)
+    with caplog.at_level(logging.WARNING, logger="eym.editor"):
+        long = dc_replace(PROMPTS, target=TARGET_PROMPT + " and smiling" * 30)
+        editor.infer(source, reference, long, tuned, dc_replace(FAST_INFER, ddim_steps=1))
+    assert "the end is cut off" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# `eym edit` end to end
+# ---------------------------------------------------------------------------------------------
+def _probe(path: Path) -> tuple[str, str, int, int, int, float]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return stream.codec_context.name, stream.codec_context.pix_fmt, frames, stream.width, stream.height, float(stream.average_rate)
+
+
+@pytest.mark.media
+def test_eym_edit_cli_end_to_end_then_reuses_tuning(media, tiny_bundle, tmp_path, capsys):
+    from eym.cli import main
+    from eym.video import count_frames
+
+    case = media / "MotionEditor" / "case-1"
+    common = ["--model", str(tiny_bundle), "--device", "cpu", "--frames", "8", "--size", "64", "--steps1", "2",
+              "--steps2", "2", "--ddim-steps", "3", "--cache-dir", str(tmp_path / "tuned"), "--source-prompt", SOURCE_PROMPT,
+              "--target-prompt", TARGET_PROMPT]
+    out = tmp_path / "out" / "edited.mp4"
+    assert main(["-q", "edit", str(case / "images"), str(case / "target_images"), *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "content prompt (derived): A girl in a white crop top and a blue pleated skirt." in printed
+    assert "tuning: tuned on the source" in printed
+
+    _, source_fps = count_frames(case / "images")
+    codec, pix_fmt, frames, width, height, fps = _probe(out)
+    assert (codec, pix_fmt, frames, width, height) == ("h264", "yuv420p", 8, 64, 64)
+    assert fps == pytest.approx(source_fps, rel=1e-3)
+    assert _probe(tmp_path / "out" / "edited.side_by_side.mp4")[2:5] == (8, 3 * 64, 64)
+    settings = json.loads((tmp_path / "out" / "edited.settings.json").read_text())
+    assert settings["prompts"]["target"] == TARGET_PROMPT and settings["tuned"]["reused"] is False
+    assert settings["config"]["tune"]["steps1"] == 2 and settings["config"]["infer"]["ddim_steps"] == 3
+
+    # another reference (a preset motion): the tuned weights are reused, no tuning step runs
+    second = tmp_path / "out" / "waving.mp4"
+    assert main(["-q", "edit", str(case / "images"), "--preset", "wave", *common, "--out", str(second)]) == 0
+    assert "tuning: reused cached tuned weights (no tuning steps ran)" in capsys.readouterr().out
+    assert _probe(second)[2:5] == (8, 64, 64)
+    assert json.loads((tmp_path / "out" / "waving.settings.json").read_text())["tuned"]["reused"] is True
+
+    # `eym infer` finds the same tuned weights and never tunes; bad input is one line, exit 2
+    third = tmp_path / "out" / "infer.mp4"
+    assert main(["-q", "infer", str(case / "images"), str(case / "target_images"), *common, "--out", str(third)]) == 0
+    assert third.is_file()
+    assert main(["-q", "infer", str(case / "images"), str(case / "target_images"), *common, "--steps1", "9", "--out", str(third)]) == 2
+    assert "run `eym tune` first" in capsys.readouterr().err
+    assert main(["-q", "edit", str(case / "images"), str(case / "target_images"), *common[:-1], "", "--out", str(third)]) == 2
+    assert "target prompt (P_t) is empty" in capsys.readouterr().err
