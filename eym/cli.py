@@ -106,7 +106,7 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "clear"], help="list entries, or remove those not in use")
     p.add_argument("--older-than", metavar="AGE", help="clear: only entries unused for AGE (e.g. 30m, 12h, 7d)")
     p.add_argument("--max-gb", type=float, metavar="GB", help="clear: evict least recently used until under GB")
-    p.add_argument("--root", action="append", metavar="DIR", help="folder(s) to manage (default: all under EYM_HOME)")
+    p.add_argument("--root", action="append", metavar="DIR", help="folder(s) to manage (default: jobs, preprocess, tuned under EYM_HOME)")
 
 
 @_runner("cache")
@@ -411,6 +411,56 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
 # ---------------------------------------------------------------------------------------------
 # (further commands are added below, one section each)
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# batch: a manifest of edits shared out over GPUs / machines by accelerate (issue 8)
+# ---------------------------------------------------------------------------------------------
+@_command("batch", "run a gallery manifest of edits, shared over GPUs/machines with `accelerate launch -m eym batch`; resumes")
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="gallery folder or manifest (gallery.yaml/.json: source, reference or preset, prompts)")
+    p.add_argument("--out", required=True, help="output folder (summary.md/.csv, batch.json, pairs/<name>/); shared by all machines")
+    p.add_argument("--model", default=None, help="tiny | hub id | diffusers folder | single-file .safetensors (default: SD 1.5 from the HF cache)")
+    p.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or the hub one)")
+    p.add_argument("--cpu", action="store_true", help="run every rank on the CPU (ranks then talk over gloo)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
+    p.add_argument("--timeout-hours", type=float, default=24.0, help="how long ranks wait for the busiest one at the end (default 24)")
+    g = p.add_argument_group("edit settings, for every entry (a --settings file first, then these flags; an entry's num_frames/start/stride win)")
+    g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
+    g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
+    g.add_argument("--size", type=int, help="side of the square frames, a multiple of 8 (default 512)")
+    g.add_argument("--seed", type=int, help="seed of tuning and inference (default 0)")
+    g.add_argument("--steps1", type=int, help="DPL stage 1 steps (default 300)")
+    g.add_argument("--steps2", type=int, help="DPL stage 2 steps (default 300)")
+    g.add_argument("--lr", type=float, help="tuning learning rate (default 3e-5)")
+    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), help="tuning precision (default auto)")
+    g.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling (default 50)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance of the branches (default 1.0 = none)")
+    g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up")
+    g.add_argument("--inject-steps", type=float, help="fraction of the denoising steps that inject, from the first (default 1.0)")
+    g.add_argument("--no-retarget", action="store_true", help="use the reference skeletons as they are")
+    p.add_argument("--eval", action="store_true", help="also score each edit (metrics in the summary; settings below)")
+    _add_eval_settings(p)
+
+
+@_runner("batch")
+def _run_batch(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from eym.batch import run_batch
+    from eym.models import DEFAULT_MODEL
+
+    if args.timeout_hours <= 0:
+        raise EymError(f"--timeout-hours {args.timeout_hours} must be > 0")
+    result = run_batch(
+        args.manifest, args.out, model=args.model or DEFAULT_MODEL, controlnet=args.controlnet,
+        edit_config=_edit_config(args), eval_config=_eval_config(args) if args.eval else None, cpu=args.cpu,
+        names=args.only, timeout=timedelta(hours=args.timeout_hours), disable_progress=args.quiet,
+    )
+    if result.rank == 0:  # the other ranks hold the same rows; one copy of the output is enough
+        print(result.summary_md.read_text(), end="")
+        print(f"summary: {result.summary_md} and {result.summary_csv}")
+    return 1 if result.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

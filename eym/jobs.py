@@ -37,7 +37,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 from eym.cache import _TMP_PREFIX, atomic_write_json, clean_stale_tmp
 from eym.env import eym_home
@@ -49,16 +49,15 @@ logger = logging.getLogger(__name__)
 JOB_LOCK = ".lock"  # inside a job folder; held exclusively while the job runs
 JOB_INFO = "job.json"  # id, pid, start/end time, state ("running" | "done" | "failed")
 LOCKS_DIR = ".locks"  # in each root: one lock file per entry, held shared while it is used
-# Sub-folders of eym_home() that are not evictable caches (the tiny bundle is rebuilt slowly
-# and loaded by every test/demo process at start).
-KEEP = frozenset({"tiny"})
+# Sub-folders of eym_home() under the disk cap. Everything else there (the tiny bundle, pose
+# annotator weights) is models, which may not be downloadable again: never evicted.
+CACHE_KINDS = ("jobs", "preprocess", "tuned")
 CAP_ENV = "EYM_DISK_CAP_GB"  # default cap for new_job(), in GB (unset: no cap)
 # Resumable tuning checkpoints of eym.editor (``tuned/.partial-<key>``): evictable entries, but
 # only once untouched this long, since a live tuning rewrites its checkpoint every K steps.
 PARTIAL_PREFIX = ".partial-"
 PARTIAL_GRACE_S = 3600.0
-
-State = Literal["running", "done", "failed", "crashed"]
+STALE_TMP_S = 3600.0  # a .tmp-* build folder untouched this long belongs to a killed process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +237,9 @@ class Entry:
 
 
 def default_roots(home: str | os.PathLike | None = None, extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """The folders under the cap: every sub-folder of ``eym_home()`` but :data:`KEEP`, plus ``extra``."""
+    """The folders under the cap: the :data:`CACHE_KINDS` folders of ``eym_home()`` that exist, plus ``extra``."""
     home = Path(home) if home is not None else eym_home()
-    roots = [p for p in sorted(home.iterdir()) if p.is_dir() and not p.name.startswith(".") and p.name not in KEEP]
+    roots = [home / kind for kind in CACHE_KINDS if (home / kind).is_dir()]
     roots += [Path(e) for e in extra]
     unique: dict[Path, None] = {}
     for r in roots:
@@ -354,7 +353,7 @@ def enforce_cap(max_bytes: int, roots: Sequence[str | os.PathLike] | None = None
     """
     roots = [Path(r) for r in (roots if roots is not None else default_roots())]
     for r in roots:
-        clean_stale_tmp(r)
+        clean_stale_tmp(r, older_than_s=STALE_TMP_S)
     entries = list_entries(roots)
     total = sum(disk_usage(r) for r in roots)
     removed = []
@@ -373,7 +372,10 @@ def enforce_cap(max_bytes: int, roots: Sequence[str | os.PathLike] | None = None
 
 
 def clear(roots: Sequence[str | os.PathLike] | None = None, *, older_than_s: float | None = None) -> list[Entry]:
-    """Remove every entry not in use (only those unused for ``older_than_s`` seconds, if given)."""
+    """Remove every entry not in use (only those unused for ``older_than_s`` seconds, if given).
+
+    Leftover ``.tmp-*`` build folders go too once stale (an hour, or ``older_than_s`` if longer).
+    """
     roots = [Path(r) for r in (roots if roots is not None else default_roots())]
     now = time.time()
     removed = []
@@ -383,7 +385,8 @@ def clear(roots: Sequence[str | os.PathLike] | None = None, *, older_than_s: flo
         if not e.in_use and evict(e):
             removed.append(e)
     for r in roots:
-        clean_stale_tmp(r, older_than_s=older_than_s if older_than_s is not None else 0.0)
+        # A younger .tmp-* folder may be an entry another process is building right now.
+        clean_stale_tmp(r, older_than_s=max(older_than_s or 0.0, STALE_TMP_S))
     return removed
 
 

@@ -301,6 +301,8 @@ def make_eps_fn(
             if inject_from is not None:  # each half injects from its own half
                 inject_from = list(inject_from) + [j + B if j >= 0 else -1 for j in inject_from]
         x = frames_to_batch(x)  # (B'*F, C, h, w)
+        # a device tensor made on the device: an int would become a blocking host-to-device copy
+        t = torch.full((), int(t), dtype=torch.long, device=device) if not torch.is_tensor(t) else t
         down, mid = controlnet(
             x, t, encoder_hidden_states=embeds, controlnet_cond=cond, conditioning_scale=controlnet_scale, return_dict=False
         )

@@ -174,6 +174,20 @@ class RCAttnProcessor:
             raise ValueError(f"injection weighting {weighting!r} is not 'balanced' or 'paper'")
         self.inject = inject
         self.weighting = weighting
+        # Index tensors per (inject_from, device), made once: building a CUDA tensor from a Python
+        # list is a blocking host-to-device copy, which would stall every attn1 call.
+        self._index_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(self, sources: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(videos without injection, videos with injection, their injection sources) as index tensors."""
+        key = (sources, str(device))
+        if key not in self._index_cache:
+            plain = [b for b, j in enumerate(sources) if j < 0]
+            injected = [b for b, j in enumerate(sources) if j >= 0]
+            self._index_cache[key] = tuple(
+                torch.tensor(ix, dtype=torch.long, device=device) for ix in (plain, injected, [sources[b] for b in injected])
+            )
+        return self._index_cache[key]
 
     def __call__(
         self,
@@ -207,25 +221,27 @@ class RCAttnProcessor:
         k_prev = torch.roll(k, shifts=1, dims=1)  # k_prev[:, i] = k[:, (i-1) mod n]
         v_prev = torch.roll(v, shifts=1, dims=1)
 
-        def attend(rows: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-            """SDPA of the queries of videos ``rows`` over the token-axis concatenation of ``keys``."""
-            nb = rows.numel()
-            q_rows = q.view(B, Fr, N, inner)[rows].reshape(nb * Fr, N, heads, inner // heads).transpose(1, 2)
+        def attend(rows: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+            """SDPA of the queries of videos ``rows`` (None: all) over the token-axis concatenation of ``keys``."""
+            nb = B if rows is None else rows.numel()
+            q_rows = q.view(B, Fr, N, inner) if rows is None else q.view(B, Fr, N, inner)[rows]
+            q_rows = q_rows.reshape(nb * Fr, N, heads, inner // heads).transpose(1, 2)
             k_cat = torch.cat(keys, dim=2).reshape(nb * Fr, -1, heads, inner // heads).transpose(1, 2)
             v_cat = torch.cat(values, dim=2).reshape(nb * Fr, -1, heads, inner // heads).transpose(1, 2)
             # (nb*F, heads, N, head_dim) queries over (nb*F, heads, L*N, head_dim) keys
             out = F.scaled_dot_product_attention(q_rows, k_cat, v_cat, dropout_p=0.0, is_causal=False)
             return out.transpose(1, 2).reshape(nb, Fr, N, inner)
 
-        sources = [-1] * B if (inject_from is None or not self.inject) else list(inject_from)
-        plain = torch.tensor([b for b in range(B) if sources[b] < 0], dtype=torch.long, device=q.device)
-        injected = torch.tensor([b for b in range(B) if sources[b] >= 0], dtype=torch.long, device=q.device)
-        out = q.new_empty(B, Fr, N, inner)
-        if plain.numel():
+        sources = (-1,) * B if (inject_from is None or not self.inject) else tuple(inject_from)
+        if all(j < 0 for j in sources):
             # K = W_K [z_{i-1}, z_i], V = W_V [z_{i-1}, z_i]   (RC-Attn, METHOD.md Backbone 1)
-            out[plain] = attend(plain, [k_prev[plain], k[plain]], [v_prev[plain], v[plain]])
-        if injected.numel():
-            src = torch.tensor([sources[b] for b in injected.tolist()], dtype=torch.long, device=q.device)
+            # The common case (tuning, inversion, the reconstruction branch alone): no indexing.
+            out = attend(None, [k_prev, k], [v_prev, v])
+        else:
+            plain, injected, src = self._indices(sources, q.device)
+            out = q.new_empty(B, Fr, N, inner)
+            if plain.numel():
+                out[plain] = attend(plain, [k_prev[plain], k[plain]], [v_prev[plain], v[plain]])
             k_r, v_r = k[src], v[src]  # K_r = W_K z^r_i, V_r = W_V z^r_i   (Eq. 17)
             kp, vp, ke, ve = k_prev[injected], v_prev[injected], k[injected], v[injected]
             if self.weighting == "paper":

@@ -187,9 +187,10 @@ class PairOutcome:
 
     name: str  # the gallery entry's name
     folder: Path  # DIR/pairs/<name>
-    report: EvalReport | None  # None when the pair failed
+    report: EvalReport | None  # None when the pair failed or ran without evaluation
     reused: bool  # found complete from an earlier run: nothing ran for it
     error: str | None = None  # the EymError message of a failed pair
+    seconds: float = 0.0  # wall time this run spent on the pair (checking, or editing + evaluating)
 
 
 @dataclass
@@ -206,7 +207,7 @@ class SuiteResult:
         return {p.name: p.report for p in self.pairs if p.report is not None}
 
 
-def _entry_prompts(entry: Any) -> Any:
+def entry_prompts(entry: Any) -> Any:
     """The entry's P_c/P_s/P_t: explicit prompts win over ones composed from subject + motions."""
     from eym.editor import derive_prompts
 
@@ -214,7 +215,7 @@ def _entry_prompts(entry: Any) -> Any:
                           source=entry.source_prompt, target=entry.target_prompt)
 
 
-def _pair_config(entry: Any, edit_config: Any) -> Any:
+def pair_config(entry: Any, edit_config: Any) -> Any:
     """The suite's edit settings with the entry's sampling hints applied (hints win)."""
     hints = {k: getattr(entry, k) for k in ("num_frames", "start", "stride") if getattr(entry, k) is not None}
     if not hints:
@@ -222,7 +223,7 @@ def _pair_config(entry: Any, edit_config: Any) -> Any:
     return replace(edit_config, preprocess=replace(edit_config.preprocess, **hints))
 
 
-def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig, model: str, controlnet: str | None) -> str:
+def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig | None, model: str, controlnet: str | None) -> str:
     """Everything a pair's results depend on: entry, input file contents, model, all settings."""
     return stable_hash({
         "version": SUITE_VERSION,
@@ -232,7 +233,7 @@ def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig, model: str,
         "model": model,
         "controlnet": controlnet,
         "edit": to_dict(edit_config),
-        "eval": to_dict(eval_config),
+        "eval": to_dict(eval_config) if eval_config is not None else None,
     })
 
 
@@ -256,14 +257,15 @@ def _driving_keypoints(source: Any, reference: Any, edit_config: Any) -> np.ndar
     return reference.keypoints
 
 
-def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, get_editor: Callable[[], Any], folder: Path,
-              callback: ProgressCallback | None) -> EvalReport:
-    """Preprocess, edit, evaluate and draw one pair into ``folder`` (a temporary build folder)."""
+def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig | None, get_editor: Callable[[], Any], folder: Path,
+              callback: ProgressCallback | None) -> EvalReport | None:
+    """Preprocess, edit, evaluate (unless ``eval_config`` is None) and draw one pair into ``folder``
+    (a temporary build folder)."""
     from eym.pose import draw_skeletons
     from eym.preprocess import preprocess
 
     prep = edit_config.preprocess
-    prompts = _entry_prompts(entry)
+    prompts = entry_prompts(entry)
     source = preprocess(entry.source, prep, with_masks=True, callback=callback)
     reference = _reference_clip(entry, source, prep, callback)
     # the model is loaded only now: a pair whose inputs are unusable fails before that
@@ -280,10 +282,12 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig, get_editor:
         "retarget": edit_config.infer.retarget,
         "edit_settings": Path(result.settings).name,
     }
-    report = evaluate(result.frames, source.frames, prompts.target, reference_keypoints=driving,
-                      source_masks=source.masks if source.has_masks else None, config=eval_config,
-                      settings=settings)
-    atomic_write_bytes(folder / METRICS_FILE, report.to_json().encode())
+    report = None
+    if eval_config is not None:
+        report = evaluate(result.frames, source.frames, prompts.target, reference_keypoints=driving,
+                          source_masks=source.masks if source.has_masks else None, config=eval_config,
+                          settings=settings)
+        atomic_write_bytes(folder / METRICS_FILE, report.to_json().encode())
     sheet = contact_sheet({
         "source": source.frames,
         # drawn at the cell size: limbs keep ControlNet's stroke widths instead of being rescaled
@@ -348,34 +352,15 @@ def run_suite(
         return editor
 
     outcomes: list[PairOutcome] = []
-    edits_run = 0
     bar = tqdm(entries, desc="suite", unit="pair", disable=disable_progress)
     for done, entry in enumerate(bar, start=1):
         bar.set_postfix_str(entry.name)
-        config = _pair_config(entry, edit_config)
-        key = _pair_key(entry, config, eval_config, model, controlnet)
-        folder = pairs_dir / entry.name
-        found = load_entry(folder)
-        if found is not None and found["meta"].get("key") == key:
-            # complete from an earlier run with the same inputs and settings: nothing to do
-            report = EvalReport.from_dict(json.loads((folder / METRICS_FILE).read_text()))
-            outcomes.append(PairOutcome(entry.name, folder, report, reused=True))
-            logger.info("suite: %s already done (%s), reused", entry.name, folder)
-        else:
-            started = time.perf_counter()
-            try:
-                with building(folder, meta={"key": key, "pair": entry.name, "kind": "eym-suite-pair"}) as tmp:
-                    report = _run_pair(entry, config, eval_config, get_editor, tmp, callback)
-            except EymError as err:
-                logger.error("suite: pair %s failed: %s", entry.name, err)
-                outcomes.append(PairOutcome(entry.name, folder, None, reused=False, error=str(err)))
-            else:
-                edits_run += 1
-                outcomes.append(PairOutcome(entry.name, folder, report, reused=False))
-                logger.info("suite: %s done in %.1f s", entry.name, time.perf_counter() - started)
+        outcomes.append(run_pair(entry, edit_config, eval_config, model=model, controlnet=controlnet,
+                                 get_editor=get_editor, pairs_dir=pairs_dir, callback=callback))
         if callback is not None:
             callback("suite", done, len(entries))
 
+    edits_run = sum(not p.reused and p.error is None for p in outcomes)
     result = SuiteResult(pairs=outcomes, table_md=out_dir / "results.md", table_csv=out_dir / "results.csv",
                          edits_run=edits_run)
     _write_tables(result, out_dir)
@@ -385,6 +370,57 @@ def run_suite(
         "pairs": {p.name: {"reused": p.reused, "error": p.error} for p in outcomes},
     })
     return result
+
+
+def run_pair(
+    entry: Any,
+    edit_config: Any,
+    eval_config: EvalConfig | None,
+    *,
+    model: str,
+    controlnet: str | None,
+    get_editor: Callable[[], Any],
+    pairs_dir: Path,
+    callback: ProgressCallback | None = None,
+) -> PairOutcome:
+    """One gallery entry into ``pairs_dir/<name>/``, or nothing if an earlier run completed it.
+
+    Shared by :func:`run_suite` and :mod:`eym.batch`.
+
+    Args:
+        entry: the :class:`eym.gallery.GalleryEntry`.
+        edit_config: the run's :class:`eym.editor.EditConfig` (the entry's sampling hints win).
+        eval_config: metric settings, or ``None`` to edit without evaluating (no metrics.json).
+        model, controlnet: the model names, part of the pair's key.
+        get_editor: returns the :class:`eym.editor.Editor`; called only when the pair must run.
+        pairs_dir: the folder of all pairs' folders.
+        callback: forwarded to preprocessing and editing.
+    Returns:
+        :class:`PairOutcome`; a pair failing with :class:`EymError` has ``error`` set and no
+        folder. Any other exception propagates.
+    """
+    started = time.perf_counter()
+    config = pair_config(entry, edit_config)
+    key = _pair_key(entry, config, eval_config, model, controlnet)
+    folder = pairs_dir / entry.name
+    found = load_entry(folder)
+    if found is not None and found["meta"].get("key") == key:
+        # complete from an earlier run with the same inputs and settings: nothing to do
+        report = None
+        if eval_config is not None:
+            report = EvalReport.from_dict(json.loads((folder / METRICS_FILE).read_text()))
+        logger.info("suite: %s already done (%s), reused", entry.name, folder)
+        return PairOutcome(entry.name, folder, report, reused=True, seconds=time.perf_counter() - started)
+    try:
+        with building(folder, meta={"key": key, "pair": entry.name, "kind": "eym-suite-pair"}) as tmp:
+            report = _run_pair(entry, config, eval_config, get_editor, tmp, callback)
+    except EymError as err:
+        logger.error("suite: pair %s failed: %s", entry.name, err)
+        return PairOutcome(entry.name, folder, None, reused=False, error=str(err),
+                           seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    logger.info("suite: %s done in %.1f s", entry.name, seconds)
+    return PairOutcome(entry.name, folder, report, reused=False, seconds=seconds)
 
 
 def _build_editor(model: str, controlnet: str | None, device: str | None, disable_progress: bool) -> Any:

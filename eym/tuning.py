@@ -324,16 +324,6 @@ def train_stage(
     latents = data.masked_latents if stage == 1 else data.latents  # (1, 4, F, h, w)
     embeds = data.content_embeds if stage == 1 else data.source_embeds  # (1, 77, D)
 
-    # Freeze everything, then switch on exactly this stage's tensors. They train in fp32 (the
-    # AdamW state and small updates need it); mixed precision only changes the forward pass.
-    unet.requires_grad_(False)
-    controlnet.requires_grad_(False)
-    params = trainable_parameters(unet, stage)
-    for p in params.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
-
     if resolve_mixed_precision(config.mixed_precision, device) == "no" and base_dtype != torch.float32:
         # the trained tensors are fp32; without autocast they cannot meet the frozen half-precision ones
         raise EymError(
@@ -341,24 +331,35 @@ def train_stage(
             "use mixed_precision 'auto' or load the model in float32"
         )
     accelerator = _accelerator(config.mixed_precision, device)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-    generator = torch.Generator().manual_seed(config.seed * 10 + stage)  # CPU: same draws on any device
-    step = 0
-    if resume is not None and resume["stage"] == stage and resume["step"] > 0:
-        _assign(unet, resume["trained"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resume["scaler"])
-        generator.set_state(resume["rng"])
-        step = resume["step"]
-
     checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda"
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    bar = tqdm(total=total, initial=step, desc=f"tuning {name}", disable=disable, leave=False)
+    generator = torch.Generator().manual_seed(config.seed * 10 + stage)  # CPU: same draws on any device
+
+    # Freeze everything, then switch on exactly this stage's tensors. They train in fp32 (the
+    # AdamW state and small updates need it); mixed precision only changes the forward pass.
+    # Whatever happens from here on, `finally` freezes them again in the model's dtype.
+    unet.requires_grad_(False)
+    controlnet.requires_grad_(False)
+    params = trainable_parameters(unet, stage)
+    bar = None
     try:
+        for p in params.values():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
+        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+        step = 0
+        if resume is not None and resume["stage"] == stage and resume["step"] > 0:
+            _assign(unet, resume["trained"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler") is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(resume["scaler"])
+            generator.set_state(resume["rng"])
+            step = resume["step"]
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        bar = tqdm(total=total, initial=step, desc=f"tuning {name}", disable=disable, leave=False)
         while step < total:
             # 1. the batch: stage 1 sees the frames in a new random order each step, so that it
             #    can learn appearance but no temporal signal; stage 2 sees them in order
@@ -411,12 +412,13 @@ def train_stage(
             if callback is not None:
                 callback(name, step, total)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         unet.eval()
         if checkpointing:
             unet.disable_gradient_checkpointing()
-        optimizer.zero_grad(set_to_none=True)
         for p in params.values():
+            p.grad = None
             p.requires_grad_(False)
             p.data = p.data.to(base_dtype)
     return _snapshot(params)

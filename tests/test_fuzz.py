@@ -191,6 +191,9 @@ def hostile(tmp_path_factory) -> tuple[Path, list[Path]]:
     for rel in REAL_SEEDS:
         if (media / rel).is_file():
             seeds.append((Path(rel).stem[:12], (media / rel).read_bytes()))
+    if len(seeds) == 1:  # no real footage here: a second generated clip, in another container
+        second = write_clip(tmp_path_factory.mktemp("seed") / "generated.mkv", num_frames=20, size=(128, 96), fps=12.0)
+        seeds.append(("genmkv", second.read_bytes()))
     paths: list[Path] = []
     for tag, data in seeds:
         for name, variant in _mutations(data, rng):
@@ -335,18 +338,24 @@ def test_ingest_entry_point_survives_every_hostile_file(hostile, tmp_path):
         if r["outcome"] == "refused":
             assert r["msg"] and "\n" not in r["msg"], (regular[i].name, r["msg"])
     by_name = {regular[i].name: r["outcome"] for i, r in results.items()}
-    assert by_name["gif_ok_small.gif"] == "ok" and by_name["frames_ok"] == "ok"
     assert by_name["empty.mp4"] == "refused" and by_name["png_60000.mp4"] == "refused"
+    # Legitimate inputs still work: any readable clip for the reader; preprocess also needs a
+    # person in it, which only the real footage has.
+    if entry == "read_video":
+        assert by_name["gif_ok_small.gif"] == "ok" and by_name["frames_ok"] == "ok"
+    if "taichi_copar_trailing_garbage.mp4" in by_name:
+        assert by_name["taichi_copar_trailing_garbage.mp4"] == "ok", results
     # Nothing left behind: no temp files, no partial cache entries.
-    assert list((tmp_path / "tmp").iterdir()) == []
+    # (torch keeps its compile cache there, torchinductor_<user>: a library cache, not ours)
+    assert [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []
     cache = tmp_path / "cache"
     if cache.exists():
         from eym.cache import verify_entry
 
         leftovers = [p for p in cache.rglob(".tmp-*")]
         assert not leftovers, leftovers
-        for kind in cache.iterdir():
-            for e in kind.iterdir() if kind.is_dir() else []:
-                if not e.name.startswith("."):
-                    assert verify_entry(e) is not None, f"damaged cache entry {e}"
+        entries = [e for e in cache.iterdir() if not e.name.startswith(".")]
+        assert len(entries) <= sum(outcome == "ok" for outcome in by_name.values())
+        for e in entries:
+            assert verify_entry(e) is not None, f"damaged cache entry {e}"
     assert elapsed < 150, f"fuzzing the entry point took {elapsed:.0f} s"

@@ -106,8 +106,9 @@ def test_enforce_cap_evicts_least_recently_used_first(home):
     tiny = home / "tiny"
     tiny.mkdir()
     (tiny / "weights.bin").write_bytes(os.urandom(50_000))
+    (home / "annotators").mkdir()
     roots = jobs.default_roots()
-    assert {r.name for r in roots} == {"preprocess", "tuned"}  # the tiny bundle is not a cache
+    assert {r.name for r in roots} == {"preprocess", "tuned"}  # model folders are not caches
     assert [e.path for e in jobs.list_entries(roots)] == [a, b, c, d]
 
     load_entry(a)  # using an entry makes it the most recently used
@@ -160,9 +161,12 @@ def test_clear_older_than_and_stale_tmp(home):
     (stale / "half.bin").write_bytes(b"x" * 100)
     t = time.time() - 2 * 86400
     os.utime(stale, (t, t))
+    live_build = pre / ".tmp-building-now"  # another process is writing this entry right now
+    live_build.mkdir()
     removed = jobs.clear(older_than_s=jobs.parse_duration("1d"))
     assert [e.path for e in removed] == [old] and new.exists() and not stale.exists()
     assert [e.path for e in jobs.clear()] == [new]
+    assert live_build.exists(), "a build in progress is never cleared"
 
 
 def test_tuning_checkpoints_are_evicted_only_when_stale(home):

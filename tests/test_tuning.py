@@ -258,3 +258,16 @@ def test_checkpoint_of_another_job_or_damaged_is_ignored(components, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"torn write")
     again = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="B", disable=True)
     assert again.resumed_from is None and len(again.history) == 4
+
+
+def test_impossible_precision_is_a_clear_error_and_leaves_the_model_intact(components):
+    from eym.errors import EymError
+
+    c = components
+    before = full_state(c)
+    with pytest.raises(EymError, match="'fp16' needs a CUDA device"):
+        tune_dpl(c.unet, c.controlnet, c.scheduler, random_data(), TuneConfig(steps1=1, steps2=1, mixed_precision="fp16"), disable=True)
+    assert {p.dtype for p in c.unet.parameters()} == {torch.float32}
+    after = full_state(c)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(".temporal_attn." in k for k in changed)  # at most the seeded temporal init ran
