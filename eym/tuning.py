@@ -154,7 +154,7 @@ def stage2_loss(eps_pred: torch.Tensor, noise: torch.Tensor, rec_weight: float) 
     rec = reconstruction_loss(eps_pred, noise)
     smooth = noise_constraint_loss(eps_pred)
     loss = (1.0 - rec_weight) * smooth + rec_weight * rec  # Eq. 15
-    return loss, {"loss_rec": rec.item(), "loss_noise": smooth.item()}
+    return loss, {"loss_rec": rec.detach(), "loss_noise": smooth.detach()}  # read when logged, not here (no sync)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,19 +360,37 @@ def train_stage(
             unet.enable_gradient_checkpointing()
         unet.train()
         bar = tqdm(total=total, initial=step, desc=f"tuning {name}", disable=disable, leave=False)
+        pending: dict | None = None  # the last step's record; its loss is read one step late
+
+        def flush() -> None:
+            """Read the pending step's loss (a device sync), check it, log it."""
+            nonlocal pending
+            if pending is None:
+                return
+            record = {k: (v.item() if torch.is_tensor(v) else v) for k, v in pending.items()}
+            pending = None
+            if not math.isfinite(record["loss"]):
+                raise EymError(f"{name} step {record['step']}: the loss is {record['loss']}; lower the learning rate (lr={config.lr})")
+            logger.debug("tune %s", record)
+            if log_fn is not None:
+                log_fn(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+
         while step < total:
             # 1. the batch: stage 1 sees the frames in a new random order each step, so that it
             #    can learn appearance but no temporal signal; stage 2 sees them in order
             if stage == 1 and config.shuffle:
-                order = torch.randperm(F, generator=generator)
+                order = _to_device(torch.randperm(F, generator=generator), device)
+                z_0 = latents[:, :, order]  # (1, 4, F, h, w)
+                control = data.control_images[order]  # (F, 3, H, W)
             else:
-                order = torch.arange(F)
-            z_0 = latents[:, :, order.to(device)]  # (1, 4, F, h, w)
-            control = data.control_images[order.to(device)]  # (F, 3, H, W)
+                z_0, control = latents, data.control_images
 
             # 2. forward diffusion at ONE random t for all frames (L_noise compares frames at the same t)
-            t = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(device)
-            noise = torch.randn(z_0.shape, generator=generator, dtype=torch.float32).to(device, z_0.dtype)
+            t_cpu = torch.randint(0, num_train_timesteps, (1,), generator=generator)
+            t = _to_device(t_cpu, device)
+            noise = _to_device(torch.randn(z_0.shape, generator=generator, dtype=torch.float32), device).to(z_0.dtype)
             z_t = scheduler.add_noise(z_0, noise, t)
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(z_0, noise, t)
 
@@ -386,8 +404,6 @@ def train_stage(
                 parts = {}
             else:
                 loss, parts = stage2_loss(eps_pred, target, config.rec_weight)
-            if not torch.isfinite(loss):
-                raise EymError(f"{name} step {step + 1}: the loss is {loss.item()}; lower the learning rate (lr={config.lr})")
 
             # 5. update the stage's tensors
             accelerator.backward(loss)
@@ -396,21 +412,22 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            # 6. checkpoint, log, report
+            # 6. log the previous step (reading a loss waits for the GPU; one step late, the GPU
+            #    already has this step queued and never idles), checkpoint, report
+            flush()
+            pending = {"stage": stage, "step": step, "loss": loss.detach(), "lr": config.lr, "t": int(t_cpu), **parts}
             if config.checkpoint_every and (step % config.checkpoint_every == 0) and step < total:
+                flush()  # never checkpoint tensors updated from a non-finite loss
                 _save_checkpoint(
                     checkpoint_dir, fingerprint, stage=stage, step=step, trained=_snapshot(params),
                     stage1=stage1, optimizer=optimizer.state_dict(), rng=generator.get_state(),
                     scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 )
-            record = {"stage": stage, "step": step, "loss": loss.item(), "lr": config.lr, "t": int(t.item()), **parts}
-            logger.debug("tune %s", record)
-            if log_fn is not None:
-                log_fn(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
             if callback is not None:
                 callback(name, step, total)
+        flush()
     finally:
         if bar is not None:
             bar.close()
@@ -476,6 +493,13 @@ def _accelerator(setting: str, device: torch.device):
     except ValueError:
         AcceleratorState._reset_state(True)
         return Accelerator(**kwargs)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor -> device without a blocking copy (pinned memory, non-blocking) on CUDA."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:

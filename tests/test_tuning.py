@@ -125,7 +125,7 @@ def test_stage2_loss_is_the_weighted_sum():
     smooth = (((eps[:, :, 1:] - eps[:, :, :-1]) ** 2).mean()).item()
     loss, parts = stage2_loss(eps, noise, rec_weight=0.9)
     assert loss.item() == pytest.approx(0.1 * smooth + 0.9 * rec, rel=1e-6)  # Eq. 15
-    assert parts == pytest.approx({"loss_rec": rec, "loss_noise": smooth}, rel=1e-6)
+    assert {k: float(v) for k, v in parts.items()} == pytest.approx({"loss_rec": rec, "loss_noise": smooth}, rel=1e-6)
     assert reconstruction_loss(eps, noise).item() == pytest.approx(rec, rel=1e-6)
 
 
