@@ -44,7 +44,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -133,7 +133,7 @@ def assign_groups(groups: Sequence[EditGroup], num_ranks: int) -> list[list[Edit
         groups: the groups (any order: the result does not depend on it).
         num_ranks: number of processes, >= 1.
     Returns:
-        ``num_ranks`` lists of groups, each in manifest-name order of its groups' first entries.
+        ``num_ranks`` lists of groups, each sorted by the groups' first entry names.
     """
     if num_ranks < 1:
         raise EymError(f"the number of ranks must be at least 1, got {num_ranks}")
@@ -262,13 +262,14 @@ def run_batch(
 
     from eym.editor import EditConfig
     from eym.gallery import load_gallery
-    from eym.suite import PAIRS_DIR, run_pair
+    from eym.suite import PAIRS_DIR, PairOutcome, run_pair
 
     # PartialState: accelerate's process group and device for this rank (a no-op single process
     # without `accelerate launch`); kwargs reach torch.distributed.init_process_group
     state = PartialState(cpu=cpu, timeout=timeout)
     rank, num_ranks = state.process_index, state.num_processes
-    device = state.device
+    device = "cpu" if state.device.type == "cpu" else str(state.device)  # cuda:<local rank> under accelerate
+    show_progress = not disable_progress and state.is_main_process  # one set of bars, not one per rank
     tag = f"batch [rank {rank}/{num_ranks}]"
 
     gallery = load_gallery(manifest)
@@ -277,9 +278,7 @@ def run_batch(
         raise EymError(f"gallery {gallery.manifest} has no entries to run")
     edit_config = edit_config if edit_config is not None else EditConfig()
     if eval_config is not None and eval_config.device in ("auto", "cuda"):
-        from dataclasses import replace
-
-        eval_config = replace(eval_config, device=str(device))  # this rank's GPU, not cuda:0
+        eval_config = replace(eval_config, device=device)  # this rank's GPU, not cuda:0
     out_dir = Path(out_dir)
     pairs_dir = out_dir / PAIRS_DIR
     pairs_dir.mkdir(parents=True, exist_ok=True)
@@ -288,9 +287,10 @@ def run_batch(
     groups = group_entries(entries, edit_config, model, controlnet)
     plan = assign_groups(groups, num_ranks)
     by_name = {e.name: e for e in entries}
+    order = {e.name: i for i, e in enumerate(entries)}
     group_of = {name: g.key for g in groups for name in g.names}
-    # group by group: a source's edits follow each other and its tuned weights stay loaded
-    mine = [by_name[n] for g in plan[rank] for n in g.names]
+    # group by group, in manifest order: a source's edits follow each other, its tuned weights stay loaded
+    mine = [by_name[n] for g in sorted(plan[rank], key=lambda g: order[g.names[0]]) for n in g.names]
     logger.info("%s: %d of %d edits (%d groups) on %s", tag, len(mine), len(entries), len(plan[rank]), device)
 
     editor = None
@@ -302,41 +302,41 @@ def run_batch(
             from eym.editor import Editor
             from eym.models import load_components
 
-            dev = "cpu" if device.type == "cpu" else str(device)
-            editor = Editor(load_components(model, controlnet, device=dev), disable_progress=disable_progress)
+            editor = Editor(load_components(model, controlnet, device=device), disable_progress=not show_progress)
         return editor
 
     # 3. this rank's edits; a failure is recorded and the rank goes on
     rows: list[EditRow] = []
     started = time.perf_counter()
-    bar = tqdm(mine, desc=f"batch rank {rank}", unit="edit", disable=disable_progress or not state.is_main_process)
+    bar = tqdm(mine, desc=f"batch rank {rank}", unit="edit", disable=not show_progress)
     for done, entry in enumerate(bar, start=1):
         bar.set_postfix_str(entry.name)
         t0 = time.perf_counter()
+        group = group_of[entry.name][:12]
         try:
             outcome = run_pair(entry, edit_config, eval_config, model=model, controlnet=controlnet,
                                get_editor=get_editor, pairs_dir=pairs_dir, callback=callback)
+            row = _row(entry, gallery.root, outcome, rank, group, out_dir)
         except Exception as err:  # noqa: BLE001
             # Not a user error, but stopping here would leave the other ranks waiting in the
             # gather below until the timeout: log the traceback, record the edit, go on.
             logger.exception("%s: %s failed with an internal error", tag, entry.name)
-            from eym.suite import PairOutcome
-
             outcome = PairOutcome(entry.name, pairs_dir / entry.name, None, reused=False,
                                   error=f"internal error {type(err).__name__}: {err}", seconds=time.perf_counter() - t0)
-        rows.append(_row(entry, gallery.root, outcome, rank, group_of[entry.name][:12], out_dir))
-        logger.info("%s: %s %s in %.1f s", tag, entry.name, rows[-1].status, outcome.seconds)
+            row = _row(entry, gallery.root, outcome, rank, group, out_dir)
+        rows.append(row)
+        logger.info("%s: %s %s in %.1f s", tag, entry.name, row.status, row.seconds)
         if callback is not None:
             callback("batch", done, len(mine))
     edits_run = sum(r.status == EDITED for r in rows)
     tunings_run = sum(r.status == EDITED and r.reused_tuning is False for r in rows)
-    counters = {"rank": rank, "device": str(device), "edits": len(mine), "edits_run": edits_run,
+    counters = {"rank": rank, "device": device, "edits": len(mine), "edits_run": edits_run,
                 "tunings_run": tunings_run, "failed": sum(r.status == FAILED for r in rows),
                 "model_loaded": editor is not None, "seconds": round(time.perf_counter() - started, 3)}
     logger.info("%s: done, %d edited (tuning ran %d time(s)), %d failed", tag, edits_run, tunings_run, counters["failed"])
 
     # 4. every rank's rows everywhere; rank 0 writes the summary once
-    all_rows = sorted(gather_object(rows), key=lambda r: list(by_name).index(r.name))
+    all_rows = sorted(gather_object(rows), key=lambda r: order[r.name])
     all_counters = sorted(gather_object([counters]), key=lambda c: c["rank"])
     result = BatchResult(rows=all_rows, rank=rank, num_ranks=num_ranks, edits_run=edits_run, tunings_run=tunings_run,
                          summary_md=out_dir / SUMMARY_MD, summary_csv=out_dir / SUMMARY_CSV,

@@ -152,6 +152,49 @@ def test_summary_tables():
     assert md[-1] == "- pair-c: no person"
 
 
+def test_run_batch_records_internal_errors_and_goes_on(tmp_path, monkeypatch):
+    """One process, the per-edit work replaced by a fake: rows, order, counters, the summary
+    files, and an unexpected exception recorded as a failed edit instead of stopping the rank."""
+    from eym import suite
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.mp4").write_bytes(name.encode() * 100)
+    _gallery(tmp_path, "".join([_entry("a-wave"), _entry("boom", source="c.mp4"), _entry("b-wave", source="b.mp4"),
+                                _entry("a-squat", motion="preset: squat")]))
+    ran: list[str] = []
+
+    def fake_run_pair(entry, edit_config, eval_config, *, model, controlnet, get_editor, pairs_dir, callback=None):
+        ran.append(entry.name)
+        if entry.name == "boom":
+            raise RuntimeError("kaput")
+        folder = pairs_dir / entry.name
+        folder.mkdir(parents=True)
+        (folder / "edited.mp4").write_bytes(b"video")
+        (folder / "edited.settings.json").write_text(json.dumps({"tuned": {"reused": entry.name == "a-squat"}}))
+        return suite.PairOutcome(entry.name, folder, None, reused=False, seconds=0.25)
+
+    monkeypatch.setattr(suite, "run_pair", fake_run_pair)
+    events: list[tuple] = []
+    result = B.run_batch(tmp_path / "gallery.yaml", tmp_path / "out", model="tiny", cpu=True, disable_progress=True,
+                         callback=lambda *e: events.append(e))
+    # one rank: its groups in order of their first entries, each group's edits together
+    assert ran == ["a-wave", "a-squat", "boom", "b-wave"]
+    assert events == [("batch", i, 4) for i in range(1, 5)]
+    assert [(r.name, r.status, r.reused_tuning) for r in result.rows] == [
+        ("a-wave", "edited", False), ("boom", "failed", None), ("b-wave", "edited", False), ("a-squat", "edited", True)]
+    assert result.rows[1].error == "internal error RuntimeError: kaput"
+    assert result.rows[0].outputs == {"video": "pairs/a-wave/edited.mp4", "settings": "pairs/a-wave/edited.settings.json"}
+    assert (result.rank, result.num_ranks, result.edits_run, result.tunings_run) == (0, 1, 3, 2)
+    assert [r["edit"] for r in B.read_summary(tmp_path / "out")] == ["a-wave", "boom", "b-wave", "a-squat"]
+    assert "- boom: internal error RuntimeError: kaput" in result.summary_md.read_text()
+    info = json.loads(result.batch_json.read_text())
+    assert [[g["edits"] for g in share] for share in info["plan"]] == [[["a-wave", "a-squat"], ["b-wave"], ["boom"]]]
+    assert info["ranks"] == [{"rank": 0, "device": "cpu", "edits": 4, "edits_run": 3, "tunings_run": 2, "failed": 1,
+                              "model_loaded": False, "seconds": info["ranks"][0]["seconds"]}]
+    with pytest.raises(EymError, match="no entry named 'nope'"):
+        B.run_batch(tmp_path / "gallery.yaml", tmp_path / "out", model="tiny", names=["nope"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Two ranks with accelerate, a re-run, and one process: real footage, the tiny bundle
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +350,26 @@ def test_batch_two_ranks_rerun_and_single_process(media, tiny_bundle, tiny_clip,
     assert [single[n]["status"] for n in single] == [rows[n]["status"] for n in rows]
     assert {single[n]["rank"] for n in single} == {"0"}
     assert [single[n]["reused_tuning"] for n in EDITS] == [rows[n]["reused_tuning"] for n in EDITS]
-    assert len(_tuned_entries(single_home)) == 2
-    # the edited videos match the two-rank run's (up to float summation order: one thread per
-    # rank there, more here), while two different edits of one source are far apart
+    # the same tunings: same cache keys, the same tensors up to float rounding
+    from safetensors.torch import load_file
+
+    assert _tuned_entries(single_home) == _tuned_entries(home)
+    for key in _tuned_entries(home):
+        ours, theirs = (load_file(str(h / "tuned" / key / "tuned.safetensors")) for h in (single_home, home))
+        assert ours.keys() == theirs.keys()
+        assert max(float((ours[n] - theirs[n]).abs().max()) for n in ours) < 1e-5
+    # the same edits: identical inputs and settings, and videos equal up to float rounding. Not
+    # bit-equal: CPU BLAS results depend on the thread count (one per rank under torchrun) and
+    # on memory alignment, and random weights amplify that; so each video must be close to its
+    # two-rank twin and much closer to it than to the other edit of its source.
     for name in EDITS:
-        diff = np.abs(_frames(single_out / single[name]["video"]) - _frames(out / rows[name]["video"])).mean()
-        assert diff < 1.0, (name, diff)
-        assert float(single[name]["TA"]) == pytest.approx(float(rows[name]["TA"]), abs=1e-3)
-    apart = np.abs(_frames(out / rows["dance-arms"]["video"]) - _frames(out / rows["dance-wave"]["video"])).mean()
-    assert apart > 5.0
+        a, b = (json.loads(((o / r[name]["settings"])).read_text()) for o, r in ((single_out, single), (out, rows)))
+        for part in ("prompts", "source", "reference", "config", "frames", "fps"):
+            assert a[part] == b[part], (name, part)
+        assert a["tuned"]["key"] == b["tuned"]["key"]
+        mine = _frames(single_out / single[name]["video"])
+        twin = np.abs(mine - _frames(out / rows[name]["video"])).mean()
+        other = next(n for n in EDITS if n != name and SOURCE_OF[n] == SOURCE_OF[name])
+        apart = np.abs(mine - _frames(out / rows[other]["video"])).mean()
+        assert twin < 4.0 and twin < apart / 2.5, (name, twin, apart)
+        assert float(single[name]["TA"]) == pytest.approx(float(rows[name]["TA"]), abs=0.02)
