@@ -204,7 +204,10 @@ def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict) 
     editor.infer(source, reference, PROMPTS, tuned, InferConfig(retarget=False), callback=timer)
     timer.end()
     wall = time.perf_counter() - start
-    return {"frames": num_frames, "wall_s": wall, "phase_s": timer.totals, "peak_gb": timer.peak_gb}
+    from eym.tuning import needs_gradient_checkpointing
+
+    ckpt = needs_gradient_checkpointing((1, 4, num_frames, size // 8, size // 8), editor.components.device) if _cuda() else False
+    return {"frames": num_frames, "wall_s": wall, "gradient_checkpointing": ckpt, "phase_s": timer.totals, "peak_gb": timer.peak_gb}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ddim", type=int, default=50)
     p.add_argument("--full-edit", type=int, nargs="*", default=[], help="frame counts for a whole default edit")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
@@ -350,21 +353,29 @@ def main(argv=None) -> int:
             row = bench_ours(editor, F, args.size, args.steps, args.warmup, args.ddim, overrides)
             result["ours"].append(row)
             print("ours:", json.dumps(row), flush=True)
+            save(result, args.json)
         if not args.skip_plain:
             mp = "bf16" if args.mixed_precision in ("auto", "bf16") else "fp16"
             row = bench_plain(comps, F, args.size, mp, not args.no_checkpointing)
             result["plain"].append(row)
             print("plain:", json.dumps(row), flush=True)
+            save(result, args.json)
         _empty_cache()
     for F in args.full_edit:
         row = full_edit(editor, F, args.size, overrides)
         result["full_edit"].append(row)
         print("full edit:", json.dumps(row), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        save(result, args.json)
+    save(result, args.json)
     print_table(result)
     return 0
+
+
+def save(result: dict, path: Path | None) -> None:
+    """Write the results so far (a run cut short still leaves its finished rows)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
 
 
 def print_table(result: dict) -> None:
