@@ -652,7 +652,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="openpose ControlNet: hub id, folder or file (or $EYM_CONTROLNET)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                        help="weight dtype (default: float16 on CUDA, float32 on CPU)")
+                        help="weight dtype (default: bfloat16 on CUDA cards that have it, else float16; float32 on CPU)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     for name in ("queue_size", "concurrency", "max_upload_mb"):

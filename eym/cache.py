@@ -138,9 +138,16 @@ def building(final: str | os.PathLike, meta: dict[str, Any] | None = None) -> It
     try:
         yield tmp
         write_manifest(tmp, meta)
-        if final.exists():  # a concurrent builder won, or a damaged entry: replace it
+        if final.exists() and verify_entry(final) is None:  # a damaged entry: replace it
             shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # A concurrent builder (another rank or app worker) renamed a complete entry into
+            # place first; entries are content-addressed, so theirs is as good as ours.
+            if verify_entry(final) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

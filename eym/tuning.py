@@ -67,7 +67,7 @@ class TuneConfig:
     seed: int = 0  # seeds frame order, timesteps and noise of both stages
     mixed_precision: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none on CPU) | "no" | "fp16" | "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
-    checkpoint_every: int = 50  # steps between resumable checkpoints; 0 turns them off
+    checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, ~2 s); 0 turns them off
 
     def __post_init__(self) -> None:
         if self.steps1 < 0 or self.steps2 < 0:

@@ -86,7 +86,10 @@ def list_frame_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error:  # e.g. a header declaring a size over OpenCV's pixel limit
+        image = None
     if image is None:
         raise EymError(f"{path}: cannot read this image; re-save it as PNG or JPEG")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
