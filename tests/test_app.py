@@ -197,12 +197,16 @@ def test_dockerfile_lints_and_has_the_essentials():
 # The real page on the tiny bundle, served from a thread
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tiny_components, media, tmp_path_factory):
+def server(tiny_bundle, media, tmp_path_factory):
     from eym.editor import Editor
+    from eym.models import load_components
+
+    # own components: the Editor inflates its UNet in place, the session's tiny_components stays 2D
+    components = load_components(str(tiny_bundle), device="cpu")
 
     root = tmp_path_factory.mktemp("app")
     outputs = root / "outputs"
-    demo = app.build_demo(Editor(tiny_components), gallery_dir=_gallery(root / "gallery", media),
+    demo = app.build_demo(Editor(components), gallery_dir=_gallery(root / "gallery", media),
                           outputs_dir=outputs, max_upload_mb=2)
     port = _free_port()
     app.launch_demo(demo, host="127.0.0.1", port=port, outputs_dir=outputs, max_upload_mb=2, queue_size=8,

@@ -46,13 +46,17 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_components, media, tmp_path_factory):
+def server(tiny_bundle, media, tmp_path_factory):
     from eym.editor import Editor
+    from eym.models import load_components
+
+    # own components: the Editor inflates its UNet in place, the session's tiny_components stays 2D
+    components = load_components(str(tiny_bundle), device="cpu")
 
     root = tmp_path_factory.mktemp("load")
     outputs = root / "outputs"
     outputs.mkdir()
-    demo = app.build_demo(Editor(tiny_components), gallery_dir=None, outputs_dir=outputs, max_upload_mb=5)
+    demo = app.build_demo(Editor(components), gallery_dir=None, outputs_dir=outputs, max_upload_mb=5)
     port = _free_port()
     app.launch_demo(demo, host="127.0.0.1", port=port, outputs_dir=outputs, max_upload_mb=5, queue_size=10,
                     concurrency=1, block=False, quiet=True)  # fmt: skip
