@@ -641,6 +641,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
     parser.add_argument("--concurrency", type=int, default=1, help="edits running at once (default 1: one GPU job)")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
+    parser.add_argument("--disk-cap-gb", type=float, default=None,
+                        help="cap on job folders + caches; least recently used evicted first, running jobs never "
+                             "(default: $EYM_DISK_CAP_GB, else no cap)")
     parser.add_argument("--outputs", default=os.environ.get("EYM_OUTPUTS", "outputs"),
                         help="folder for job outputs, the only folder the server serves (default ./outputs)")
     parser.add_argument("--gallery", default=str(DEFAULT_GALLERY),
@@ -660,6 +663,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, got {args.port}")
+    if args.disk_cap_gb is not None and not args.disk_cap_gb > 0:
+        parser.error(f"--disk-cap-gb must be positive, got {args.disk_cap_gb}")
     return args
 
 
@@ -717,6 +722,8 @@ def launch_demo(demo: gr.Blocks, *, host: str, port: int, outputs_dir: Path, max
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, load the models once, build the page, queue it and serve it."""
     args = parse_args(argv)
+    if args.disk_cap_gb is not None:  # eym.jobs.new_job reads the cap from the environment
+        os.environ["EYM_DISK_CAP_GB"] = str(args.disk_cap_gb)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     outputs = Path(args.outputs).expanduser().resolve()

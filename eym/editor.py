@@ -435,8 +435,11 @@ class Editor:
             return
         from safetensors.torch import load_file
 
+        from eym.jobs import pinned
+
         try:
-            tensors = load_file(str(tuned.tensors_path))
+            with pinned(tuned.path):  # another job's disk-cap eviction must not delete it mid-read
+                tensors = load_file(str(tuned.tensors_path))
         except Exception as err:  # safetensors raises several types for a damaged file
             raise EymError(f"tuned weights {tuned.tensors_path} cannot be read ({type(err).__name__}); delete the folder and tune again") from None
         base = _BASE_WEIGHTS[unet]

@@ -33,6 +33,7 @@ from eym.cache import building, hash_path, load_entry, sha256_bytes, stable_hash
 from eym.errors import EymError
 from eym.env import eym_home
 from eym.masks import fill_empty_masks, get_mask_backend
+from eym.probe import ProbeLimits, probe
 from eym.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, draw_skeletons, empty_frames, fill_missing, get_pose_backend
 from eym.video import RESIZE_MODES, VideoLimits, list_frame_files, read_video, write_mp4
 
@@ -44,6 +45,7 @@ POSE_BACKENDS = ("auto", "mediapipe", "openpose")
 MASK_BACKENDS = ("mediapipe", "rembg")
 PREVIEW_FRAMES = 8  # frames shown in preview.png
 PREVIEW_SIDE = 128  # thumbnail side in preview.png
+_MAX_INPUT_BYTES = 4 * 2**30  # local inputs (CLI, library); the app probes uploads with its own, lower limit
 
 
 @dataclass(frozen=True)
@@ -313,7 +315,14 @@ def preprocess(
     key = keys[0]
     mask_backend = get_mask_backend(config.mask, progress=progress) if with_masks else None
 
-    # 2. Read and sample.
+    # 2. Probe in a separate, time- and memory-limited process first, so that a hostile or
+    #    broken file fails there with a clear message instead of crashing or hanging this one.
+    probe(video, limits=ProbeLimits(
+        max_bytes=_MAX_INPUT_BYTES, max_seconds=limits.max_duration_s, max_side=limits.max_side,
+        max_frames=limits.max_source_frames,
+    ))
+
+    # 3. Read and sample.
     clip_video = read_video(
         video,
         num_frames=config.num_frames,
@@ -326,7 +335,7 @@ def preprocess(
     frames = clip_video.frames
     report()
 
-    # 3. Pose, with frames where nobody was found filled from the nearest frame.
+    # 4. Pose, with frames where nobody was found filled from the nearest frame.
     raw = pose_backend.detect(frames)
     if len(empty_frames(raw)) == len(raw):
         raise EymError(f"{video}: no person found in any of the {len(raw)} sampled frames; use a video with one clearly visible person")
@@ -337,7 +346,7 @@ def preprocess(
     skeletons = draw_skeletons(keypoints, config.size, config.size)
     report()
 
-    # 4. Person masks.
+    # 5. Person masks.
     if mask_backend is not None:
         masks, empty = fill_empty_masks(mask_backend.segment(frames))
         if empty:
@@ -346,7 +355,7 @@ def preprocess(
         masks = np.zeros((len(frames), 0, 0), bool)
     report()
 
-    # 5. Write the cache entry atomically (a crash leaves no half entry) and load it back.
+    # 6. Write the cache entry atomically (a crash leaves no half entry) and load it back.
     clip = Clip(
         frames=frames,
         keypoints=keypoints,

@@ -30,7 +30,7 @@ from eym.errors import EymError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # as eym.probe.FRAME_EXTENSIONS (no TIFF: a risky decoder)
 FOLDER_FPS = 8.0  # a frame folder carries no timing; 8 fps is what MotionEditor-style 8-frame clips use
 RESIZE_MODES = ("crop", "pad")
 

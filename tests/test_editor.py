@@ -27,13 +27,6 @@ FAST = TuneConfig(steps1=2, steps2=2, lr=1e-3, checkpoint_every=1)
 FAST_INFER = InferConfig(ddim_steps=3, retarget=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model ops gain nothing from threads; on a shared 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def case_clip(media: Path, folder: str = "images", condition: str = "source_condition", case: str = "case-1", size: int = 64):

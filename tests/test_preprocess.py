@@ -181,9 +181,10 @@ def _cache_is_empty(cache: Path) -> bool:
 def test_bad_input(tmp_path, fakes, case):
     video = tmp_path / "in.mp4"
     config, limits = PreprocessConfig(num_frames=4, size=64), VideoLimits()
-    expected = {"missing": "no such file", "empty": "file is empty", "garbage": "not a readable video",
-                "too_short": "asked for 40 frames", "nobody": "no person found", "too_large": "above the limit",
-                "too_long": "longer than the limit"}[case]  # fmt: skip
+    # empty, garbage, too large and too long are refused by eym.probe before any decoding
+    expected = {"missing": "no such file", "empty": "is empty", "garbage": "not a video this tool reads",
+                "too_short": "asked for 40 frames", "nobody": "no person found", "too_large": "over the 32 px limit",
+                "too_long": "over the 1 s limit"}[case]  # fmt: skip
     if case == "empty":
         video.touch()
     elif case == "garbage":

@@ -24,14 +24,6 @@ from eym.spacetime import inflate
 FRAMES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on the shared 2-core CI box, 2 threads per test
-    process oversubscribe the cores (measured 7x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _embed(components, prompts):

@@ -52,14 +52,6 @@ def case_clip(media: Path, size: int = 64, folder: str = "images", condition: st
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a shared 2-core machine
-    two threads per process make them several times slower (measured: 30-60 vs 250-500 ms/step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
