@@ -273,6 +273,11 @@ def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
     g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--cache-dir", default=None, help="tuned-weights cache (default: $EYM_HOME/tuned)")
+    _add_edit_settings(p, "settings (a --settings file first, then these flags)", inference=reference)
+
+
+def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: bool) -> None:
+    """The EditConfig flags (read back by :func:`_edit_config`); inference ones only where an edit runs."""
     g = p.add_argument_group("settings (a --settings file first, then these flags)")
     g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
     g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
@@ -282,7 +287,7 @@ def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
     g.add_argument("--steps2", type=int, help="DPL stage 2 steps (default 300)")
     g.add_argument("--lr", type=float, help="tuning learning rate (default 3e-5)")
     g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), help="tuning precision (default auto)")
-    if reference:
+    if inference:
         g.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling (default 50)")
         g.add_argument("--guidance", type=float, help="classifier-free guidance of the branches (default 1.0 = none)")
         g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up (default all)")
@@ -425,20 +430,7 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="run every rank on the CPU (ranks then talk over gloo)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
     p.add_argument("--timeout-hours", type=float, default=24.0, help="how long ranks wait for the busiest one at the end (default 24)")
-    g = p.add_argument_group("edit settings, for every entry (a --settings file first, then these flags; an entry's num_frames/start/stride win)")
-    g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
-    g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
-    g.add_argument("--size", type=int, help="side of the square frames, a multiple of 8 (default 512)")
-    g.add_argument("--seed", type=int, help="seed of tuning and inference (default 0)")
-    g.add_argument("--steps1", type=int, help="DPL stage 1 steps (default 300)")
-    g.add_argument("--steps2", type=int, help="DPL stage 2 steps (default 300)")
-    g.add_argument("--lr", type=float, help="tuning learning rate (default 3e-5)")
-    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), help="tuning precision (default auto)")
-    g.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling (default 50)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance of the branches (default 1.0 = none)")
-    g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up")
-    g.add_argument("--inject-steps", type=float, help="fraction of the denoising steps that inject, from the first (default 1.0)")
-    g.add_argument("--no-retarget", action="store_true", help="use the reference skeletons as they are")
+    _add_edit_settings(p, "edit settings, for every entry (a --settings file first, then these flags; an entry's num_frames/start/stride win)", inference=True)
     p.add_argument("--eval", action="store_true", help="also score each edit (metrics in the summary; settings below)")
     _add_eval_settings(p)
 

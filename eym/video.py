@@ -15,17 +15,16 @@ under a temporary name and renames, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from eym.cache import atomic_output
 from eym.errors import EymError
 
 logger = logging.getLogger(__name__)
@@ -376,12 +375,9 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, *, crf: i
     frames = _even(np.ascontiguousarray(frames, dtype=np.uint8))
     _, height, width, _ = frames.shape
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=".mp4") as tmp:
         writer = imageio_ffmpeg.write_frames(
-            tmp,
+            str(tmp),
             (width, height),
             fps=float(fps),
             codec="libx264",
@@ -396,11 +392,6 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, *, crf: i
         for frame in frames:
             writer.send(frame)
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
