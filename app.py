@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-import eym  # noqa: E402  (turns the other libraries' telemetry off)
 from eym.errors import EymError  # noqa: E402
 
 logger = logging.getLogger("eym.app")

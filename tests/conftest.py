@@ -19,6 +19,33 @@ REPO = Path(__file__).resolve().parents[1]
 MEDIA = Path(os.environ.get("EYM_MEDIA", REPO.parent / "shared" / "media"))
 
 
+def motioneditor_clip(media: Path, folder: str = "images", condition: str = "source_condition", case: str = "case-1", size: int = 64):
+    """A Clip-like object from MotionEditor's ground truth: frames, person masks and the OpenPose
+    skeleton images ControlNet was fed (no detection, so tuning tests do not depend on pose)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    root = media / "MotionEditor" / case
+
+    def read(sub: str, mode: str) -> np.ndarray:
+        files = sorted((root / sub).glob("*.png"))
+        return np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
+
+    frames = read(folder, "RGB")
+    return SimpleNamespace(
+        frames=frames,
+        masks=read("man.mask", "L") > 127,
+        skeletons=read(f"{condition}/openposefull", "RGB"),
+        keypoints=None,
+        fps=8.0,
+        content_hash=hashlib.sha256(frames.tobytes()).hexdigest(),
+        path=root / folder,
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """The tiny models' ops are too small to gain from threads, and on the 2-core CI machine two

@@ -3,7 +3,6 @@ base-weight restoring between sources, reproducibility, bad input, and `eym edit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import replace as dc_replace
@@ -12,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import motioneditor_clip as case_clip
 import torch
-from PIL import Image
 
 from eym.config import from_dict, to_dict
 from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts, inject_step_indices
@@ -29,24 +28,6 @@ FAST_INFER = InferConfig(ddim_steps=3, retarget=False)
 
 
 
-def case_clip(media: Path, folder: str = "images", condition: str = "source_condition", case: str = "case-1", size: int = 64):
-    """A Clip-like object from MotionEditor: frames, person masks, skeleton images (no detection)."""
-    root = media / "MotionEditor" / case
-
-    def read(sub: str, mode: str) -> np.ndarray:
-        files = sorted((root / sub).glob("*.png"))
-        return np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
-
-    frames = read(folder, "RGB")
-    return SimpleNamespace(
-        frames=frames,
-        masks=read("man.mask", "L") > 127,
-        skeletons=read(f"{condition}/openposefull", "RGB"),
-        keypoints=None,
-        fps=8.0,
-        content_hash=hashlib.sha256(frames.tobytes()).hexdigest(),
-        path=root / folder,
-    )
 
 
 @pytest.fixture(scope="module")

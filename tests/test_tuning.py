@@ -7,14 +7,12 @@ weights in place and the session-wide ``tiny_components`` is shared with other m
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import motioneditor_clip as case_clip
 import torch
-from PIL import Image
 
 from eym.tuning import (
     TuneConfig,
@@ -32,24 +30,6 @@ from eym.tuning import (
 # ---------------------------------------------------------------------------------------------
 # fixtures: a fresh tiny model, the real MotionEditor case-1 clip at 64x64
 # ---------------------------------------------------------------------------------------------
-def case_clip(media: Path, size: int = 64, folder: str = "images", condition: str = "source_condition"):
-    """A Clip-like object from MotionEditor/case-1: frames, person masks, skeleton images."""
-    case = media / "MotionEditor" / "case-1"
-
-    def read(sub: str, mode: str) -> np.ndarray:
-        files = sorted((case / sub).glob("*.png"))
-        return np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
-
-    frames = read(folder, "RGB")
-    return SimpleNamespace(
-        frames=frames,
-        masks=read("man.mask", "L") > 127,
-        skeletons=read(f"{condition}/openposefull", "RGB"),
-        keypoints=None,
-        fps=8.0,
-        content_hash=hashlib.sha256(frames.tobytes()).hexdigest(),
-        path=case / folder,
-    )
 
 
 
