@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from eym.errors import EymError
@@ -457,6 +458,9 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eym", description="Edit-Your-Motion: one-shot video motion editing")
+    from eym import __version__
+
+    parser.add_argument("--version", action="version", version=f"eym {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -469,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if not args.verbose:  # third-party deprecation chatter (diffusers calling huggingface_hub) is not the user's business
+        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _add, run, _help = _COMMANDS[args.command]
     try:
