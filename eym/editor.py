@@ -20,6 +20,7 @@ starts from SD, not from A's result; it swaps tuned tensors in and out per sourc
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import logging
@@ -49,6 +50,7 @@ TUNED_MANIFEST = "manifest.json"
 TUNED_KIND = "eym-tuned"
 # Bump when tuning changes what it computes: older cache entries then stop matching.
 TUNING_VERSION = 1
+INVERSION_CACHE_SIZE = 4  # inverted sources an Editor keeps (CPU tensors of (1, 4, F, h, w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +270,11 @@ class Editor:
             _BASE_WEIGHTS[unet] = {name: p.detach().to("cpu", copy=True) for name, p in trained.items()}
             _LOADED[unet] = None
         self._model_fingerprint = _model_fingerprint(components)
+        # Inverted latents z_T^s of recent sources, keyed by everything inversion depends on
+        # (tuned weights, source, P_s, steps, ControlNet scale) and never by the reference or
+        # P_t: a re-edit of a source with another motion skips inversion. A few (1, 4, F, h, w)
+        # tensors on the CPU, least recently used dropped first.
+        self._inversions: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
 
     # -- tuning ------------------------------------------------------------------------------
     def tuned_key(self, source, prompts: Prompts, config: TuneConfig) -> str:
@@ -496,7 +503,16 @@ class Editor:
             c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
             num_frames=F, controlnet_scale=config.controlnet_scale,
         )
-        z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
+        inversion_key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
+        if inversion_key in self._inversions:
+            self._inversions.move_to_end(inversion_key)
+            z_T = self._inversions[inversion_key].to(latents.device, latents.dtype)
+            logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
+        else:
+            z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
+            self._inversions[inversion_key] = z_T.detach().to("cpu", copy=True)
+            while len(self._inversions) > INVERSION_CACHE_SIZE:
+                self._inversions.popitem(last=False)
 
         # 2. both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)],
         #    the editing branch attending to the reconstruction's keys/values (Eq. 17-18)

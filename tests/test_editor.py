@@ -203,6 +203,25 @@ def test_infer_is_reproducible_and_checks_its_inputs(editor, media, caplog):
     assert "the end is cut off" in caplog.text
 
 
+def test_re_edit_reuses_the_inversion_and_matches_a_fresh_editor(editor, components, media, tmp_path):
+    source = case_clip(media)
+    reference = case_clip(media, folder="target_images", condition="target_condition")
+    tuned = editor.tune(source, PROMPTS, FAST)
+    editor.infer(source, source, PROMPTS, tuned, FAST_INFER)  # first edit: inverts the source
+    steps = Steps()
+    cached = editor.infer(source, reference, dc_replace(PROMPTS, target=TARGET_PROMPT + " slowly"), tuned, FAST_INFER, callback=steps)
+    assert "inversion" not in {c[0] for c in steps.calls}  # another motion and P_t: no inversion
+    fresh_editor = Editor(components, cache_dir=tmp_path / "tuned", disable_progress=True)
+    steps = Steps()
+    fresh = fresh_editor.infer(source, reference, dc_replace(PROMPTS, target=TARGET_PROMPT + " slowly"), tuned, FAST_INFER, callback=steps)
+    assert "inversion" in {c[0] for c in steps.calls}
+    assert np.array_equal(cached, fresh)
+    # what inversion depends on (here the number of steps) is part of the key
+    steps = Steps()
+    editor.infer(source, reference, PROMPTS, tuned, dc_replace(FAST_INFER, ddim_steps=2), callback=steps)
+    assert "inversion" in {c[0] for c in steps.calls}
+
+
 # ---------------------------------------------------------------------------------------------
 # `eym edit` end to end
 # ---------------------------------------------------------------------------------------------
