@@ -136,7 +136,9 @@ def load_components(
             folder = path
             parts = _load_sd_folder(path, dtype, local_only=True)
         elif path.is_file():
-            parts = _load_sd_single_file(path, dtype)
+            # a file inside a tiny bundle folder has the tiny architecture (tests); any other is SD 1.5
+            config_dir = path.parent if _is_tiny_bundle(path.parent) else SD15_CONFIG_DIR
+            parts = _load_sd_single_file(path, dtype, config_dir=config_dir)
         else:
             raise EymError(f"model {model_id!r} does not exist; pass a diffusers folder, a .safetensors/.ckpt file, a hub id or 'tiny'")
     else:
@@ -286,7 +288,17 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config_dir: Path = SD15
         vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **kw)
         text_config = CLIPTextConfig.from_pretrained(str(config_dir), subfolder="text_encoder")
         text_encoder = CLIPTextModel(text_config)
-        missing, unexpected = text_encoder.load_state_dict(convert_ldm_clip_checkpoint(checkpoint), strict=False)
+        # SD files hold transformers 4's names (``text_model.*``, plus the ``position_ids`` buffer);
+        # transformers 5's CLIPTextModel has no ``text_model.`` level and does not save position_ids
+        expected = text_encoder.state_dict().keys()
+        clip_state = {}
+        for key, value in convert_ldm_clip_checkpoint(checkpoint).items():
+            if key.endswith("position_ids"):
+                continue
+            if key not in expected and key.startswith("text_model."):
+                key = key[len("text_model.") :]
+            clip_state[key] = value
+        missing, unexpected = text_encoder.load_state_dict(clip_state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer, not always saved
         if missing or unexpected:
             raise KeyError(f"text encoder keys: {len(missing)} missing, {len(unexpected)} unexpected")
