@@ -495,20 +495,21 @@ class Editor:
 
         F = len(source.frames)
         timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
-        latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk)  # (1, 4, F, h, w)
         embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.source, prompts.target, ""])  # (3, 77, D)
 
         # 1. DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s
-        invert_fn = make_eps_fn(
-            c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
-            num_frames=F, controlnet_scale=config.controlnet_scale,
-        )
         inversion_key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
         if inversion_key in self._inversions:
             self._inversions.move_to_end(inversion_key)
-            z_T = self._inversions[inversion_key].to(latents.device, latents.dtype)
+            vae_param = next(c.vae.parameters())
+            z_T = self._inversions[inversion_key].to(vae_param.device, vae_param.dtype)
             logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
         else:
+            latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk)  # (1, 4, F, h, w)
+            invert_fn = make_eps_fn(
+                c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
+                num_frames=F, controlnet_scale=config.controlnet_scale,
+            )
             z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
             self._inversions[inversion_key] = z_T.detach().to("cpu", copy=True)
             while len(self._inversions) > INVERSION_CACHE_SIZE:
