@@ -286,6 +286,25 @@ class TemporalAttention(nn.Module):
         self.attn = Attention(query_dim=dim, heads=heads, dim_head=dim_head, bias=False, out_bias=True)
         nn.init.zeros_(self.attn.to_out[0].weight)
         nn.init.zeros_(self.attn.to_out[0].bias)
+        self._zero_key: tuple | None = None  # which output-projection tensors _zero was read from
+        self._zero = False
+
+    def is_zero(self) -> bool:
+        """Whether the update is exactly zero: the output projection is all zeros and frozen.
+
+        Then ``forward`` returns ``0 * y + 0`` for any finite input, so the block may skip it
+        (bit-equal), e.g. in DPL stage 1 and before stage 2 has trained it. The answer is
+        cached against the tensors' storage and version counters, so the check reads the GPU
+        only after the weights were replaced or changed in place, never once per call.
+        """
+        out = self.attn.to_out[0]
+        if torch.is_grad_enabled() and (out.weight.requires_grad or out.bias.requires_grad):
+            return False  # being trained: its gradient needs the forward pass
+        key = (out.weight.data_ptr(), out.weight._version, out.bias.data_ptr(), out.bias._version)
+        if key != self._zero_key:
+            self._zero = not bool(out.weight.any() or out.bias.any())
+            self._zero_key = key
+        return self._zero
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Args: x ``(B*F, N, C)`` tokens; num_frames F. Returns the update, ``(B*F, N, C)``."""
@@ -315,7 +334,10 @@ def _add_temporal(attn2: nn.Module, args: tuple, kwargs: dict, output: torch.Ten
         raise RuntimeError("temporal attention hook: norm2 did not run before attn2 (unsupported block type)")
     num_frames = kwargs.get("num_frames")
     _check_frames(output.shape[0], num_frames, None)
-    return output + getattr(block, TEMPORAL_ATTR)(h + output, num_frames)
+    temporal = getattr(block, TEMPORAL_ATTR)
+    if temporal.is_zero():
+        return output  # o + 0: a zero, frozen temporal attention cannot change anything
+    return output + temporal(h + output, num_frames)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -516,7 +516,10 @@ def needs_gradient_checkpointing(latents_shape: tuple[int, ...], device: torch.d
     if device.type != "cuda":
         return False
     *_, num_frames, h, w = latents_shape
-    free, _total = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:  # a process capped below the card (shared GPU, a 24 GB budget)
+        free = min(free, get_fraction(device) * total - torch.cuda.memory_allocated(device))
     return 1.2 * estimate_tuning_memory_gb(num_frames, (h, w)) > free / 2**30
 
 

@@ -12,6 +12,7 @@ import torch
 from eym.spacetime import (
     FrameAwareAttnProcessor,
     RCAttnProcessor,
+    TemporalAttention,
     attention_processors,
     batch_to_frames,
     frames_to_batch,
@@ -242,6 +243,59 @@ def test_temporal_attention_trains_and_mixes_frames(unet2d):
     other = inflate(copy.deepcopy(unet2d))
     load_temporal_state_dict(other, state)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+
+
+def _stage1_pass(unet, x, emb):
+    """Output and RC-Attn gradients of one pass with RC-Attn trainable, temporal attention frozen (stage 1)."""
+    params = rc_attn_parameters(unet)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    out = _run(unet, x, emb)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(False)
+    return out.detach(), grads
+
+
+def test_zero_frozen_temporal_attention_is_skipped_bit_equal(unet2d, monkeypatch):
+    unet = inflate(unet2d).requires_grad_(False)  # as tuning freezes all but the stage's tensors
+    x, emb = _inputs(2, 3)
+    calls = []
+    for module in unet.modules():
+        if isinstance(module, TemporalAttention):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    skipped, skipped_grads = _stage1_pass(unet, x, emb)
+    assert not calls  # zero output projection, frozen: never computed
+    with monkeypatch.context() as m:
+        m.setattr(TemporalAttention, "is_zero", lambda self: False)
+        computed, computed_grads = _stage1_pass(unet, x, emb)
+    assert len(calls) == 4  # one per transformer block of the tiny UNet
+    assert torch.equal(skipped, computed)
+    assert all(torch.equal(skipped_grads[n], computed_grads[n]) for n in skipped_grads)
+
+
+def test_temporal_attention_zero_check_follows_the_weights():
+    module = TemporalAttention(8, 2, 4)
+    out = module.attn.to_out[0]
+    module.requires_grad_(False)
+    assert module.is_zero()
+    out.weight.requires_grad_(True)
+    assert not module.is_zero()  # being trained: its forward pass feeds its gradient
+    with torch.no_grad():
+        assert module.is_zero()  # no gradient taken: skipping is exact
+    out.weight.requires_grad_(False)
+    with torch.no_grad():
+        out.bias[0] = 1.0  # changed in place (a loaded tuned tensor, an optimizer step)
+    assert not module.is_zero()
+    x = torch.randn(6, 5, 8)
+    assert module(x, 3).abs().max() > 0
+    with torch.no_grad():
+        out.bias.zero_()
+    assert module.is_zero()
+    out.weight.data = torch.ones_like(out.weight)  # replaced storage (a dtype change when a stage ends)
+    assert not module.is_zero()
 
 
 def test_processors_restored_after_exception(unet2d):

@@ -1,0 +1,477 @@
+"""Where a DPL tuning step's time goes, at identical settings, on SD-1.5-sized replicas.
+
+One run measures, for each frame count at 512x512 (bf16 weights, fp32 trainables, bf16
+autocast, the same optimizer, clip norm and gradient checkpointing setting for every row):
+
+  * the method's cost per part, with a bare training step written here (not eym's loop):
+    ``plain`` (the 2D SD UNet + ControlNet, attn1 trainable), ``+temporal`` (the inflated UNet
+    with plain attn1: temporal attention computed though zero), ``+temporal+rc`` (our full
+    model, as stage 1 ran before the zero-temporal skip), ``full (skip)`` (our full model with
+    the frozen zero temporal attention skipped, as stage 1 runs now), ``stage2 bare`` (full
+    model, temporal attention trainable);
+  * eym's own loop (:func:`eym.tuning.train_stage`, stage 1 and stage 2) at the same settings,
+    so ``eym / bare`` is the loop's own overhead;
+  * the loop's pieces one by one on the bare stage-1 step (accelerate's wrappers, host RNG and
+    pinned copies, the one-step-late loss read, scheduler.add_noise, fused AdamW), and kernel
+    options (channels_last, cuDNN benchmark);
+  * the temporal attention alone, forward + backward, at SD's four token counts, as written
+    now and in alternative formulations;
+  * optionally whole edits with the defaults of ``eym edit`` (``--full-edit 8 24``).
+
+Usage (a CUDA machine; a CPU run is a smoke test of the script only):
+    python bench/step_cost.py --frames 8 24 --json out.json
+    python bench/step_cost.py --frames 24 --memcap-gb 24 --memory-only     # a 24 GB card
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_bench import PROMPTS, PhaseTimer, full_edit, median_after_warmup, synthetic_clip  # noqa: E402
+from replica import build_sd15_replica  # noqa: E402
+
+from eym.editor import Editor, InferConfig  # noqa: E402
+from eym.spacetime import (  # noqa: E402
+    FrameAwareAttnProcessor,
+    TemporalAttention,
+    attention_processors,
+    batch_to_frames,
+    frames_to_batch,
+    inflate,
+    rc_attn_parameters,
+    space_time_kwargs,
+    temporal_parameters,
+)
+from eym.tuning import TuneConfig, TuningData, train_stage  # noqa: E402
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def timed_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(median s/step from host intervals with no per-step sync, peak GiB) of ``step()``."""
+    for _ in range(warmup):
+        step()
+    _sync()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    times, last = [], time.perf_counter()
+    for _ in range(steps):
+        step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    _sync()
+    total = time.perf_counter() - (last - sum(times))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else math.nan
+    # the host can run ahead of the device by a few steps; the whole span divided by the steps
+    # (synchronised at both ends) is the honest figure, the median shows steadiness
+    return max(total / steps, statistics.median(times)), peak
+
+
+# ---------------------------------------------------------------------------------------------
+# the bare training step
+# ---------------------------------------------------------------------------------------------
+class BareStep:
+    """One training step written plainly: noise, t, ControlNet (no grad), UNet, MSE, clip, AdamW.
+
+    Flags switch on eym's loop pieces one at a time, to see what each costs.
+    """
+
+    def __init__(self, unet, controlnet, scheduler, trainables: list[torch.nn.Parameter], num_frames: int, size: int,
+                 *, space_time: bool, fused: bool = True, host_rng: bool = False, late_item: bool = False,
+                 use_add_noise: bool = False, use_accelerate: bool = False, seed: int = 0) -> None:
+        dev = next(unet.parameters()).device
+        dtype = unet.conv_in.weight.dtype
+        h = size // 8
+        gen = torch.Generator(dev).manual_seed(seed)
+        self.unet, self.controlnet, self.scheduler = unet, controlnet, scheduler
+        self.F, self.space_time, self.dev = num_frames, space_time, dev
+        self.z0 = torch.randn(1, 4, num_frames, h, h, device=dev, generator=gen).to(dtype)
+        self.emb = torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype)
+        self.cond = torch.rand(num_frames, 3, size, size, device=dev, generator=gen).to(dtype)
+        self.params = trainables
+        for p in trainables:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.host_rng, self.late_item, self.use_add_noise = host_rng, late_item, use_add_noise
+        self.cpu_gen = torch.Generator().manual_seed(seed)
+        self.dev_gen = torch.Generator(dev).manual_seed(seed)
+        self.pending = None
+        self.accelerator = None
+        if use_accelerate:
+            from eym.tuning import _accelerator
+
+            self.accelerator = _accelerator("auto", dev)
+        kwargs = {"fused": True} if (fused and dev.type == "cuda") else {}
+        self.opt = torch.optim.AdamW(trainables, lr=3e-5, weight_decay=1e-2, **kwargs)
+        if self.accelerator is not None:
+            self.opt = self.accelerator.prepare_optimizer(self.opt, device_placement=False)
+        self.amp = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        acp = scheduler.alphas_cumprod.to(dev)
+        self.sqrt_a, self.sqrt_1ma = acp.sqrt(), (1 - acp).sqrt()
+
+    def close(self) -> None:
+        for p in self.params:
+            p.grad = None
+            p.requires_grad_(False)
+            p.data = p.data.to(self.unet.conv_in.weight.dtype)
+
+    def __call__(self) -> None:
+        F_ = self.F
+        if self.host_rng:  # as eym's loop: CPU generator (same draws on any device), pinned copies
+            from eym.tuning import _to_device
+
+            t = _to_device(torch.randint(0, 1000, (1,), generator=self.cpu_gen), self.dev)
+            noise = _to_device(torch.randn(self.z0.shape, generator=self.cpu_gen), self.dev).to(self.z0.dtype)
+        else:
+            t = torch.randint(0, 1000, (1,), generator=self.dev_gen, device=self.dev)
+            noise = torch.randn(self.z0.shape, generator=self.dev_gen, device=self.dev).to(self.z0.dtype)
+        if self.use_add_noise:
+            z_t = self.scheduler.add_noise(self.z0, noise, t)
+        else:
+            z_t = self.sqrt_a[t].view(1, 1, 1, 1, 1).to(self.z0.dtype) * self.z0 + self.sqrt_1ma[t].view(1, 1, 1, 1, 1).to(self.z0.dtype) * noise
+        x = frames_to_batch(z_t)
+        text = self.emb.repeat_interleave(F_, dim=0)
+        autocast = self.accelerator.autocast() if self.accelerator is not None else torch.autocast(self.dev.type, dtype=self.amp, enabled=self.dev.type == "cuda")
+        with autocast:
+            with torch.no_grad():
+                down, mid = self.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=self.cond, return_dict=False)
+            kwargs = {"cross_attention_kwargs": space_time_kwargs(F_)} if self.space_time else {}
+            eps = self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid, **kwargs).sample
+        eps = batch_to_frames(eps, F_)
+        loss = F.mse_loss(eps.float(), noise.float())
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.params, 1.0)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.late_item:
+            if self.pending is not None:
+                self.pending.item()
+            self.pending = loss.detach()
+
+
+def _plain_unet(comps):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(comps.unet.config).to(comps.device, comps.dtype)
+    unet.load_state_dict({k: v for k, v in comps.unet.state_dict().items() if "temporal" not in k}, strict=True)
+    return unet.requires_grad_(False).train()
+
+
+@contextlib.contextmanager
+def temporal_skip(enabled: bool):
+    """Compute the temporal attention even when it is zero and frozen (``enabled=False``)."""
+    if enabled:
+        yield
+        return
+    original = TemporalAttention.is_zero
+    TemporalAttention.is_zero = lambda self: False
+    try:
+        yield
+    finally:
+        TemporalAttention.is_zero = original
+
+
+def decomposition(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
+    """The method's cost per part and the loop pieces, all with the bare step (same settings)."""
+    unet = comps.unet
+    unet.requires_grad_(False)
+    comps.controlnet.requires_grad_(False)
+    rows: dict[str, tuple[float, float]] = {}
+
+    def measure(name, model, trainables, *, space_time, skip=True, procs=None, **flags):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(temporal_skip(skip))
+            if procs is not None:
+                stack.enter_context(attention_processors(model, procs))
+            step = BareStep(model, comps.controlnet, comps.scheduler, trainables, F_, size, space_time=space_time, **flags)
+            try:
+                model.train()
+                rows[name] = timed_steps(step, warmup, steps)
+            finally:
+                step.close()
+                model.eval()
+        print(f"  F={F_} {name}: {rows[name][0]:.4f} s/step, peak {rows[name][1]:.1f} GB", flush=True)
+
+    plain = _plain_unet(comps)
+    measure("plain", plain, [p for n, p in plain.named_parameters() if ".attn1." in n], space_time=False)
+    del plain
+    torch.cuda.empty_cache() if _cuda() else None
+    plain_attn1 = {n: FrameAwareAttnProcessor() for n in unet.attn_processors if n.endswith("attn1.processor") and "temporal" not in n}
+    rc = list(rc_attn_parameters(unet).values())
+    measure("+temporal", unet, rc, space_time=True, skip=False, procs=plain_attn1)
+    measure("+temporal+rc", unet, rc, space_time=True, skip=False)
+    measure("full (skip)", unet, rc, space_time=True, skip=True)
+    measure("stage2 bare", unet, list(temporal_parameters(unet).values()), space_time=True)
+    # the loop's pieces, one at a time, on the stage-1 step as it runs now
+    measure("full (skip) +foreach AdamW", unet, rc, space_time=True, fused=False)
+    measure("full (skip) +accelerate", unet, rc, space_time=True, use_accelerate=True)
+    measure("full (skip) +host rng", unet, rc, space_time=True, host_rng=True)
+    measure("full (skip) +late item", unet, rc, space_time=True, late_item=True)
+    measure("full (skip) +add_noise", unet, rc, space_time=True, use_add_noise=True)
+    if _cuda():
+        torch.backends.cudnn.benchmark = True
+        measure("full (skip) cudnn.benchmark", unet, rc, space_time=True)
+        torch.backends.cudnn.benchmark = False
+        unet.to(memory_format=torch.channels_last)
+        comps.controlnet.to(memory_format=torch.channels_last)
+        measure("full (skip) channels_last", unet, rc, space_time=True)
+        unet.to(memory_format=torch.contiguous_format)
+        comps.controlnet.to(memory_format=torch.contiguous_format)
+    return {name: {"s_per_step": s, "peak_gb": gb} for name, (s, gb) in rows.items()}
+
+
+def eym_loop(comps, F_: int, size: int, warmup: int, steps: int, *, skip: bool) -> dict:
+    """eym's own train_stage, stage 1 and 2, at the bare step's settings (no checkpoints)."""
+    dev, dtype = comps.device, comps.dtype
+    h = size // 8
+    gen = torch.Generator(dev).manual_seed(1)
+    data = TuningData(
+        latents=torch.randn(1, 4, F_, h, h, device=dev, generator=gen).to(dtype),
+        masked_latents=torch.randn(1, 4, F_, h, h, device=dev, generator=gen).to(dtype),
+        control_images=torch.rand(F_, 3, size, size, device=dev, generator=gen).to(dtype),
+        content_embeds=torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype),
+        source_embeds=torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype),
+    )
+    cfg = TuneConfig(steps1=warmup + steps, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False)
+    out = {}
+    for stage in (1, 2):
+        timer = PhaseTimer()
+        timer.begin()
+        with temporal_skip(skip):
+            train_stage(stage, comps.unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer, disable=True)
+        timer.end()
+        name = f"stage{stage}"
+        per_step = max(median_after_warmup(timer.steps[name], warmup), timer.totals[name] / len(timer.steps[name]))
+        out[name] = {"s_per_step": per_step, "peak_gb": timer.peak_gb[name]}
+        print(f"  F={F_} eym loop {name} (skip={skip}): {per_step:.4f} s/step, peak {timer.peak_gb[name]:.1f} GB", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# temporal attention alone
+# ---------------------------------------------------------------------------------------------
+def temporal_variants(module: TemporalAttention):
+    """Ways to compute the same temporal attention update (all take x (B*F, N, C), F)."""
+    attn = module.attn
+
+    def current(x, Fr):
+        return module(x, Fr)
+
+    def einsum(x, Fr):
+        BF, N, C = x.shape
+        B, H = BF // Fr, attn.heads
+        y = module.norm(x)
+        q, k, v = attn.to_q(y), attn.to_k(y), attn.to_v(y)  # (B*F, N, C)
+        shape = (B, Fr, N, H, C // H)
+        q, k, v = (t.view(shape) for t in (q, k, v))
+        w = torch.einsum("bfnhd,bgnhd->bnhfg", q, k) * (C // H) ** -0.5  # (B, N, H, F, F)
+        o = torch.einsum("bnhfg,bgnhd->bfnhd", w.softmax(-1), v).reshape(BF, N, C)
+        return attn.to_out[0](o)
+
+    def sdpa(backend):
+        from torch.nn.attention import sdpa_kernel
+
+        def run(x, Fr):
+            with sdpa_kernel(backend):
+                return module(x, Fr)
+
+        return run
+
+    variants = {"current (SDPA auto)": current, "einsum softmax": einsum}
+    if _cuda():
+        from torch.nn.attention import SDPBackend
+
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            variants[f"SDPA {backend.name.lower()}"] = sdpa(backend)
+    return variants
+
+
+def temporal_alone(F_: int, dtype: torch.dtype, warmup: int = 3, steps: int = 20) -> list[dict]:
+    dev = torch.device("cuda" if _cuda() else "cpu")
+    rows = []
+    for C, N in ((320, 4096), (640, 1024), (1280, 256), (1280, 64)):
+        module = TemporalAttention(C, 8, C // 8).to(dev)
+        with torch.no_grad():
+            module.attn.to_out[0].weight.normal_(0, 0.02)  # non-zero: the stage-2 case
+        module.requires_grad_(True)
+        x = torch.randn(F_, N, C, device=dev, dtype=dtype, requires_grad=True)
+        ref = None
+        for name, fn in temporal_variants(module).items():
+            def step():
+                with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"):
+                    y = fn(x, F_)
+                y.float().square().mean().backward()
+
+            try:
+                with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"), torch.no_grad():
+                    y = fn(x, F_).float()
+                ref = y if ref is None else ref
+                err = ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+                s, _ = timed_steps(step, warmup, steps)
+                rows.append({"C": C, "N": N, "F": F_, "variant": name, "fwd_bwd_ms": s * 1e3, "rel_err": err})
+            except RuntimeError as e:  # a backend that does not take these shapes
+                rows.append({"C": C, "N": N, "F": F_, "variant": name, "error": str(e).splitlines()[0][:120]})
+        x.grad = None
+    for r in rows:
+        print("  temporal", json.dumps(r), flush=True)
+    return rows
+
+
+def profile_stage1(comps, F_: int, size: int) -> dict:
+    """GPU busy time vs wall time of bare stage-1 steps (is the step bound by the host or the GPU?)."""
+    if not _cuda():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    rc = list(rc_attn_parameters(comps.unet).values())
+    comps.unet.requires_grad_(False)
+    step = BareStep(comps.unet, comps.controlnet, comps.scheduler, rc, F_, size, space_time=True)
+    comps.unet.train()
+    try:
+        for _ in range(3):
+            step()
+        _sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(5):
+                step()
+            _sync()
+            wall = (time.perf_counter() - start) / 5
+    finally:
+        step.close()
+        comps.unet.eval()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / 5
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    table = [{"op": e.key[:60], "gpu_ms_per_step": e.self_device_time_total / 5e3, "calls_per_step": e.count / 5} for e in top]
+    for r in table:
+        print("  profile", json.dumps(r), flush=True)
+    return {"wall_s_per_step": wall, "gpu_busy_s_per_step": gpu_us / 1e6, "top_gpu_ops": table}
+
+
+def memory_only(comps, F_: int, size: int, steps: int) -> dict:
+    """Peak memory of the defaults (auto checkpointing) under the process's memory cap."""
+    editor = Editor(comps, cache_dir=Path(tempfile.mkdtemp(prefix="eym-mem-")), disable_progress=True)
+    source, reference = synthetic_clip(F_, size, 1), synthetic_clip(F_, size, 2)
+    timer = PhaseTimer()
+    timer.begin()
+    tuned = editor.tune(source, PROMPTS, TuneConfig(steps1=steps, steps2=steps, checkpoint_every=0), callback=timer)
+    editor.infer(source, reference, PROMPTS, tuned, InferConfig(ddim_steps=5, retarget=False), callback=timer)
+    timer.end()
+    from eym.tuning import needs_gradient_checkpointing
+
+    ckpt = needs_gradient_checkpointing((1, 4, F_, size // 8, size // 8), comps.device) if _cuda() else False
+    out = {"frames": F_, "gradient_checkpointing": ckpt, "peak_gb": timer.peak_gb,
+           "max_peak_gb": max(timer.peak_gb.values()), "s_per_step": {k: statistics.median(v[1:] or v) for k, v in timer.steps.items()}}
+    print("memory:", json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, nargs="+", default=[8, 24])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--full-edit", type=int, nargs="*", default=[])
+    p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
+    p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--skip-temporal-alone", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("EYM_HOME", tempfile.mkdtemp(prefix="eym-bench-"))
+    device = "cuda" if _cuda() else "cpu"
+    if args.memcap_gb and _cuda():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memcap_gb * 2**30 / total))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    comps = build_sd15_replica(device, dtype)
+    inflate(comps.unet)
+    result = {"device": torch.cuda.get_device_name() if _cuda() else "cpu", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "size": args.size, "argv": sys.argv[1:], "build_s": time.perf_counter() - t0,
+              "memcap_gb": args.memcap_gb, "rows": {}}
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+
+    for F_ in args.frames:
+        if args.memory_only:
+            result["rows"][F_] = {"memory": memory_only(comps, F_, args.size, max(args.steps, 2))}
+            save()
+            continue
+        row = result["rows"].setdefault(F_, {})
+        row["bare"] = decomposition(comps, F_, args.size, args.warmup, args.steps)
+        save()
+        row["eym"] = eym_loop(comps, F_, args.size, args.warmup, args.steps, skip=True)
+        row["eym_noskip"] = eym_loop(comps, F_, args.size, args.warmup, args.steps, skip=False)
+        save()
+        row["profile"] = profile_stage1(comps, F_, args.size)
+        if not args.skip_temporal_alone:
+            row["temporal_alone"] = temporal_alone(F_, dtype)
+        save()
+        if _cuda():
+            torch.cuda.empty_cache()
+    if args.full_edit:
+        editor = Editor(comps, cache_dir=Path(tempfile.mkdtemp(prefix="eym-bench-tuned-")), disable_progress=True)
+        result["full_edit"] = []
+        for F_ in args.full_edit:
+            r = full_edit(editor, F_, args.size, {})
+            result["full_edit"].append(r)
+            print("full edit:", json.dumps(r), flush=True)
+            save()
+    save()
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: dict) -> None:
+    print(f"\n{result['device']} | torch {result['torch']} | {result['size']}px | {result['date']}")
+    for F_, row in result["rows"].items():
+        if "bare" not in row:
+            continue
+        bare = row["bare"]
+        plain = bare["plain"]["s_per_step"]
+        print(f"\nF={F_}: | row | s/step | vs plain | peak GB |\n|---|---|---|---|")
+        for name, r in bare.items():
+            print(f"| bare {name} | {r['s_per_step']:.4f} | {r['s_per_step'] / plain:.3f} | {r['peak_gb']:.1f} |")
+        for key in ("eym", "eym_noskip"):
+            for stage, r in row[key].items():
+                print(f"| {key} {stage} | {r['s_per_step']:.4f} | {r['s_per_step'] / plain:.3f} | {r['peak_gb']:.1f} |")
+    for r in result.get("full_edit", []):
+        print(f"full edit F={r['frames']}: {r['wall_s']:.1f} s, phases {json.dumps({k: round(v, 1) for k, v in r['phase_s'].items()})}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
