@@ -57,7 +57,7 @@ from eym.spacetime import (  # noqa: E402
     space_time_kwargs,
     temporal_parameters,
 )
-from eym.tuning import TuneConfig, TuningData, train_stage  # noqa: E402
+from eym.tuning import TuneConfig, TuningData, _assign, init_temporal_attention, train_stage  # noqa: E402
 
 
 def _cuda() -> bool:
@@ -205,6 +205,10 @@ def decomposition(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
     unet.requires_grad_(False)
     comps.controlnet.requires_grad_(False)
     rows: dict[str, tuple[float, float]] = {}
+    # every row starts from the untrained model: the temporal attention's output projection at
+    # zero (as in stage 1), RC-Attn as SD's; "stage2 bare" trains them, so they are put back
+    init_temporal_attention(unet, 0)
+    start = {n: p.detach().clone() for n, p in {**rc_attn_parameters(unet), **temporal_parameters(unet)}.items()}
 
     def measure(name, model, trainables, *, space_time, skip=True, procs=None, **flags):
         with contextlib.ExitStack() as stack:
@@ -218,6 +222,7 @@ def decomposition(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
             finally:
                 step.close()
                 model.eval()
+                _assign(unet, start)
         print(f"  F={F_} {name}: {rows[name][0]:.4f} s/step, peak {rows[name][1]:.1f} GB", flush=True)
 
     plain = _plain_unet(comps)
@@ -261,6 +266,7 @@ def eym_loop(comps, F_: int, size: int, warmup: int, steps: int, *, skip: bool) 
         source_embeds=torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype),
     )
     cfg = TuneConfig(steps1=warmup + steps, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False)
+    init_temporal_attention(comps.unet, cfg.seed)  # as tune_dpl: stage 1 sees a zero temporal attention
     out = {}
     for stage in (1, 2):
         timer = PhaseTimer()

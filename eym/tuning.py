@@ -519,7 +519,8 @@ def needs_gradient_checkpointing(latents_shape: tuple[int, ...], device: torch.d
     free, total = torch.cuda.mem_get_info(device)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get_fraction is not None:  # a process capped below the card (shared GPU, a 24 GB budget)
-        free = min(free, get_fraction(device) * total - torch.cuda.memory_allocated(device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free = min(free, get_fraction(index) * total - torch.cuda.memory_allocated(index))
     return 1.2 * estimate_tuning_memory_gb(num_frames, (h, w)) > free / 2**30
 
 
