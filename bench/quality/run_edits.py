@@ -37,15 +37,20 @@ import lab  # noqa: E402
 
 
 def _placeholder_module(name: str) -> types.ModuleType:
-    """A stand-in for a module that is not installed: importing works, any use fails loudly.
+    """A stand-in for a module that is not installed: importing it works, using it fails loudly.
 
     eym.editor imports OpenCV at module level (through eym.preprocess), but the lab's edits never
     call it (skeletons are drawn on the CPU beforehand), and an OpenCV wheel would not fit the
-    GPU run's carry limit.
+    GPU run's carry limit. Dunder lookups (``__file__``, ``__path__``) answer AttributeError, as
+    for any module without them, so tools that scan ``sys.modules`` pass over it.
     """
-    module = types.ModuleType(name)
+    import importlib.machinery
+
+    module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, loader=None))
 
     def missing(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
         raise ImportError(f"{name} is not installed here; the quality lab's GPU run should not need {name}.{attr}")
 
     module.__getattr__ = missing  # type: ignore[method-assign]
@@ -53,6 +58,8 @@ def _placeholder_module(name: str) -> types.ModuleType:
 
 
 if importlib.util.find_spec("cv2") is None:
+    import diffusers.utils.import_utils  # noqa: F401  records "no OpenCV" before the stand-in exists
+
     sys.modules["cv2"] = _placeholder_module("cv2")
 
 from eym.config import replace  # noqa: E402
@@ -144,7 +151,10 @@ def ensure_model(model: Path, parts: Path | None) -> Path:
         raise SystemExit(f"no mini model at {model} and no mini.tar parts given (--parts); run train_mini.py first")
     from unpack_model import unpack
 
-    return unpack(parts, model.parent) if model.name == "mini" else unpack(parts, model.parent)
+    folder = unpack(parts, model.parent)  # -> model.parent / "mini"
+    if folder != model:
+        folder.rename(model)
+    return model
 
 
 def _save_pair(out: Path, p: int, record: dict) -> None:
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     if args.toy:
+        torch.set_num_threads(1)  # tiny ops: threads only add overhead on a small CPU
         args.frames, args.pairs, args.steps1, args.steps2, args.ddim_steps = 4, min(args.pairs, 2), 2, 2, 2
 
     started = time.perf_counter()

@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     from eym.models import write_tiny_tokenizer
 
     started = time.perf_counter()
+    if args.toy:
+        torch.set_num_threads(1)  # tiny ops: threads only add overhead on a small CPU
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
