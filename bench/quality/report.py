@@ -168,7 +168,10 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, frames: int = 
         strips.append(np.concatenate([tag, *thumbs], axis=1))
     sheet = np.concatenate(strips, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    # a 256-colour palette keeps a 12-row sheet near 200 KB (docs/ holds small PNGs)
+    from PIL import Image
+
+    Image.fromarray(sheet).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
