@@ -1,0 +1,151 @@
+"""The quality lab's GPU scripts on their CPU toy path: train, pack, load, edit, score.
+
+bench/quality/train_mini.py --toy trains a tiny mini SD for 2 steps per phase on synthetic data
+in the lab's layout; the saved folder must load through ``load_components`` unchanged and edit
+through ``Editor.edit``; run_edits.py and report.py run end to end on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LAB = Path(__file__).resolve().parents[1] / "bench" / "quality"
+sys.path.insert(0, str(LAB))
+
+import lab  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic data + a toy-trained mini model: (data dir, model dir, train_mini's $OUT)."""
+    import prepare_data
+    import train_mini
+
+    root = tmp_path_factory.mktemp("quality")
+    data = root / "data"
+    prepare_data.synthetic(data, frames_per_clip=2, size=64)
+    out = root / "out"
+    train_mini.main(["--toy", "--data", str(data), "--model-dir", str(root / "mini"), "--out", str(out), "--device", "cpu"])
+    return data, root / "mini", out
+
+
+def test_data_layout_and_delta_coding(trained):
+    data, _, _ = trained
+    frames = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(lab.delta_decode(lab.delta_encode(frames)), frames)
+    arrays, meta = lab.load_data(data / lab.EDITS_FILE)
+    C, F = len(lab.CLIPS), lab.EVAL_FRAMES
+    assert arrays["window_frames"].shape == (C, F, 64, 64, 3) and arrays["window_frames"].dtype == np.uint8
+    assert arrays["driving_skeletons"].shape == (len(lab.PAIRS), F, 64, 64, 3)
+    assert [p["prompts"]["source"] for p in meta["pairs"]] == [lab.pair_prompts(p)["source"] for p in lab.PAIRS]
+
+
+def test_split_holds_out_the_window():
+    import prepare_data
+
+    train, window = prepare_data.split_indices(237)
+    assert len(window) == lab.EVAL_FRAMES and window[-1] == 235
+    assert max(train) < window[0] - lab.GAP_RAW_FRAMES  # nothing trained near the edited frames
+    assert len(prepare_data.split_indices(2000)[0]) == lab.MAX_TRAIN_PER_CLIP
+
+
+def test_mini_bundle_loads_as_a_diffusers_folder(trained):
+    from safetensors import safe_open
+
+    from eym.models import load_components
+
+    _, model, out = trained
+    c = load_components(str(model), device="cpu")
+    info = json.loads((model / "quality_lab.json").read_text())
+    assert not c.is_tiny and c.controlnet_id == str(model)  # the bundled controlnet/ is picked up
+    assert c.vae_scale_factor == 8
+    assert c.vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
+    assert [type(b).__name__ for b in c.unet.down_blocks] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert [type(b).__name__ for b in c.unet.up_blocks] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size
+    with safe_open(str(model / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps_run"] == {"vae": 2, "unet": 2} and all(np.isfinite(r.get("loss", r.get("l1"))) for r in log["log"])
+    preview = np.load(out / "preview.npz")
+    assert preview["samples"].shape == (len(lab.CLIPS), 64, 64, 3)
+
+
+def test_pack_round_trip_and_damage(trained, tmp_path):
+    import shutil
+
+    import unpack_model
+
+    _, model, out = trained
+    restored = unpack_model.unpack(out, tmp_path / "a")
+    originals = sorted(p.relative_to(model) for p in model.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(restored) for p in restored.rglob("*") if p.is_file()) == originals
+    assert all((restored / p).read_bytes() == (model / p).read_bytes() for p in originals)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    part = broken / "mini.tar.00"
+    part.write_bytes(part.read_bytes()[:-1] + b"x")
+    with pytest.raises(SystemExit, match="sha256"):
+        unpack_model.unpack(broken, tmp_path / "b")
+    assert not (tmp_path / "b" / "mini").exists()
+
+
+def test_editor_edit_on_the_mini_model(trained, tmp_path):
+    import run_edits
+
+    from eym.editor import EditConfig, Editor, InferConfig
+    from eym.models import load_components
+    from eym.tuning import TuneConfig
+
+    data, model, _ = trained
+    arrays, meta = lab.load_data(data / lab.EDITS_FILE)
+    source, reference, prompts = run_edits.pair_clips(arrays, meta, 0, 4)
+    editor = Editor(load_components(str(model), device="cpu"), cache_dir=tmp_path / "tuned", disable_progress=True)
+    config = EditConfig(tune=TuneConfig(steps1=1, steps2=1, checkpoint_every=0), infer=InferConfig(ddim_steps=2, retarget=False))
+    result = editor.edit(source, reference, prompts, config, out_dir=tmp_path / "edit")
+    assert result.frames.shape == (4, 64, 64, 3) and result.video.is_file()
+    assert np.array_equal(editor.reference_skeletons(source, reference, retarget=False), arrays["driving_skeletons"][0, :4])
+
+
+def test_run_edits_and_report_end_to_end(trained, tmp_path):
+    import report
+    import run_edits
+
+    data, model, _ = trained
+    edits = tmp_path / "edits"
+    log = run_edits.main(["--toy", "--pairs", "1", "--rows", "full,no_injection,plain_generation", "--model", str(model),
+                          "--data", str(data), "--out", str(edits), "--device", "cpu"])
+    assert [p["pair"] for p in log["pairs"]] == [0] and not log["skipped"]
+    with np.load(edits / "pair0.npz") as npz:
+        assert npz["rows"].tolist() == ["full", "no_injection", "plain_generation"]
+        assert npz["edits"].shape == (3, 4, 64, 64, 3)
+        assert not np.array_equal(npz["edits"][0], npz["edits"][2])  # the baseline is another computation
+    results = report.main(["--edits", str(edits), "--data", str(data), "--out", str(tmp_path / "report")])
+    rows = results["pairs"][0]["rows"]
+    assert list(rows) == ["source", "reference_video", "full", "no_injection", "plain_generation"]
+    assert rows["source"]["MAFD-ratio"] == pytest.approx(1.0)
+    assert rows["source"]["BG-SSIM"] == pytest.approx(1.0)
+    assert (tmp_path / "report" / "pair0.png").is_file()
+    assert "`plain_generation`" in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_appearance_score_is_pose_invariant_and_colour_sensitive():
+    import report
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((3, 32, 32), bool)
+    masks[:, 8:24, 10:20] = True
+    assert report.appearance_score(frames, masks, frames, masks) == pytest.approx(1.0)
+    # the same person pixels elsewhere (a moved person): still 1
+    moved, moved_masks = np.roll(frames, 5, axis=2), np.roll(masks, 5, axis=2)
+    assert report.appearance_score(moved, moved_masks, frames, masks) == pytest.approx(1.0)
+    recoloured = frames.copy()
+    recoloured[masks] = 255 - recoloured[masks]
+    assert report.appearance_score(recoloured, masks, frames, masks) < 0.9
+    assert report.appearance_score(frames, np.zeros_like(masks), frames, masks) is None
