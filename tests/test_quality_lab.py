@@ -38,6 +38,12 @@ def test_data_layout_and_delta_coding(trained):
     data, _, _ = trained
     frames = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     assert np.array_equal(lab.delta_decode(lab.delta_encode(frames)), frames)
+    # windows (C, F, H, W, 3) are coded along their frames, not across windows: a still window
+    # codes to its first frame and zeros, and a window decodes without its neighbours
+    windows = np.repeat(np.random.default_rng(1).integers(0, 256, (3, 1, 8, 8, 3), dtype=np.uint8), 4, axis=1)
+    coded = lab.delta_encode(windows)
+    assert np.array_equal(coded[:, 0], windows[:, 0]) and not coded[:, 1:].any()
+    assert np.array_equal(lab.delta_decode(coded[1:2]), windows[1:2])
     arrays, meta = lab.load_data(data / lab.EDITS_FILE)
     C, F = len(lab.CLIPS), lab.EVAL_FRAMES
     assert arrays["window_frames"].shape == (C, F, 64, 64, 3) and arrays["window_frames"].dtype == np.uint8
