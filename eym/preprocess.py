@@ -31,6 +31,7 @@ import numpy as np
 
 from eym.cache import building, hash_path, load_entry, sha256_bytes, stable_hash
 from eym.errors import EymError
+from eym.validate import check_ranges
 from eym.env import eym_home
 from eym.masks import fill_empty_masks, get_mask_backend
 from eym.probe import ProbeLimits, probe
@@ -61,6 +62,7 @@ class PreprocessConfig:
     mask: str = "mediapipe"  # mask backend: "mediapipe" | "rembg"
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
         if self.num_frames < 1:
             raise EymError(f"num_frames={self.num_frames}: ask for at least 1 frame")
         if self.size < 64 or self.size % 8:
