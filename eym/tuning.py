@@ -578,12 +578,10 @@ def _load_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str) -> dic
     if not path.exists():
         return None
     try:
-        data = path.read_bytes()
-        head, digest, payload = data[: len(CHECKPOINT_MAGIC)], data[len(CHECKPOINT_MAGIC) : len(CHECKPOINT_MAGIC) + 32], data[len(CHECKPOINT_MAGIC) + 32 :]
-        if head != CHECKPOINT_MAGIC or hashlib.sha256(payload).digest() != digest:
+        ckpt = read_checkpoint(path)
+        if ckpt is None:
             logger.warning("ignoring damaged checkpoint %s (sha256 mismatch); tuning starts over", path)
             return None
-        ckpt = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         if ckpt["fingerprint"] != fingerprint or ckpt["stage"] not in (1, 2):
             logger.warning("ignoring checkpoint %s: it belongs to another tuning job", path)
             return None
@@ -591,6 +589,16 @@ def _load_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str) -> dic
     except Exception as err:  # a torn or foreign file: any unpickling error means "start over"
         logger.warning("ignoring unreadable checkpoint %s (%s); tuning starts over", path, type(err).__name__)
         return None
+
+
+def read_checkpoint(path: str | Path) -> dict | None:
+    """A checkpoint file's state, or ``None`` if its sha256 does not match (a flipped bit, a torn file)."""
+    data = Path(path).read_bytes()
+    start = len(CHECKPOINT_MAGIC)
+    head, digest, payload = data[:start], data[start : start + 32], data[start + 32 :]
+    if head != CHECKPOINT_MAGIC or hashlib.sha256(payload).digest() != digest:
+        return None
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def config_fingerprint(config: TuneConfig) -> str:
