@@ -348,11 +348,13 @@ def _event_alive() -> Callable[[], bool]:
 
     def alive() -> bool:
         queue = getattr(blocks, "_queue", None)
+        if event_id is None or queue is None:  # called outside Gradio's queue (tests, scripts)
+            return True
         for events in getattr(queue, "active_jobs", None) or []:
             for event in events or []:
                 if getattr(event, "_id", None) == event_id:
-                    return bool(getattr(event, "alive", True))
-        return True
+                    return bool(getattr(event, "alive", True))  # False once its client disconnected
+        return False  # no longer running as far as Gradio knows: its task was cancelled
 
     return alive
 

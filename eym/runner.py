@@ -24,6 +24,7 @@ shared between copies except the on-disk caches, which are safe across processes
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -133,11 +134,15 @@ class Ticket:
     reason: str | None = None  # why it was cancelled
     started: float | None = None  # monotonic time it got the models
     stopped_at: float | None = None  # monotonic time cancel() was called
+    released_at: float | None = None  # monotonic time it gave the models back
+    steps: int = 0  # check() calls so far: one per step of the job
+    steps_at_cancel: int | None = None  # steps when cancel() was called (the job then ends at its next)
 
     def cancel(self, reason: str = "cancelled") -> None:
         if not self._cancelled.is_set():
             self.reason = reason
             self.stopped_at = time.monotonic()
+            self.steps_at_cancel = self.steps
             self._cancelled.set()
 
     @property
@@ -146,6 +151,7 @@ class Ticket:
 
     def check(self) -> None:
         """Raise :class:`JobCancelled` if the job should stop now (called at every step)."""
+        self.steps += 1
         if self.alive is not None and not self._cancelled.is_set():
             with contextlib.suppress(Exception):  # a failing probe must not kill a healthy job
                 if not self.alive():
@@ -201,6 +207,7 @@ class JobRunner:
         self._tickets: dict[int, Ticket] = {}  # waiting or running, by id (insertion = queue order)
         self._running: set[int] = set()
         self._ids = itertools.count(1)
+        self.finished: collections.deque[Ticket] = collections.deque(maxlen=100)  # recent jobs that held a model
 
     # -- admission -----------------------------------------------------------------------------
     def ticket(self, client: str, session: str | None = None, *, alive: Callable[[], bool] | None = None) -> Ticket:
@@ -299,6 +306,8 @@ class JobRunner:
                 self._tickets.pop(ticket.id, None)
                 if editor is not None:
                     self._free.append(editor)
+                    ticket.released_at = time.monotonic()
+                    self.finished.append(ticket)
                 self._cond.notify_all()
 
     def _make(self) -> Any:
