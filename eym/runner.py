@@ -251,6 +251,11 @@ class JobRunner:
                 return 0
             return sum(1 for i in self._tickets if i < ticket.id)
 
+    def snapshot(self) -> list[Ticket]:
+        """The tickets waiting or running now, in queue order."""
+        with self._cond:
+            return list(self._tickets.values())
+
     @property
     def busy(self) -> int:
         """Jobs holding a model copy now."""

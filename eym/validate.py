@@ -138,9 +138,14 @@ def check_number(value: object, what: str, low: float, high: float, *, whole: bo
             raise EymError(f"{what} must be a whole number, got {value!r}")
         value = int(value)
     if not low <= value <= high:
-        shown = lambda x: f"{x:g}" if isinstance(x, float) else f"{x:,}"  # noqa: E731
-        raise EymError(f"{what}={shown(value) if abs(value) < 1e30 else value!r} is out of range; use {shown(low)} to {shown(high)}")
+        raise EymError(f"{what}={_shown(value)} is out of range; use {_shown(low)} to {_shown(high)}")
     return value
+
+
+def _shown(x: int | float) -> str:
+    if isinstance(x, float):
+        return f"{x:g}"
+    return f"{x:,}" if abs(x) < 10**30 else f"{x:.3e}"
 
 
 def check_ranges(config: object) -> None:
