@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import unicodedata
 from pathlib import Path
 
 from eym.errors import EymError
 
+# CSI ("ESC [ ... final"), OSC ("ESC ] ... BEL" or "ESC ] ... ESC \\") and two-byte escapes.
+_TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 # CLIP reads 77 tokens; 500 characters is several times that, so no real prompt is refused.
 MAX_PROMPT_CHARS = 500
 
@@ -38,6 +41,8 @@ def check_prompt(text: str | None, *, max_chars: int = MAX_PROMPT_CHARS, what: s
         return ""
     if not isinstance(text, str):
         raise EymError(f"the {what} must be text, got {type(text).__name__}")
+    # Whole terminal escape sequences go, not only their ESC byte ("\x1b[31m", "\x1b]0;title\x07").
+    text = _TERMINAL_ESCAPE.sub("", text)
     # Unicode categories C* are control, format (bidi overrides, zero-width), surrogate, private
     # use and unassigned code points: invisible or terminal-controlling, never part of a prompt.
     kept = "".join(
