@@ -734,7 +734,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="edits one client (address) may have queued or running (default 2, or $EYM_JOBS_PER_CLIENT)")
     parser.add_argument("--max-work", type=int, default=None,
                         help="cap on frames x (stage 1 + stage 2 + 2 x DDIM steps) of one edit "
-                             "(default 17600, or $EYM_MAX_WORK)")
+                             "(default 22400: the paper's settings at 32 frames; or $EYM_MAX_WORK)")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
     parser.add_argument("--disk-cap-gb", type=float, default=None,
                         help="cap on job folders + caches; least recently used evicted first, running jobs never "

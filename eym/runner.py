@@ -59,7 +59,7 @@ class RunnerLimits:
     max_per_client: int = 2  # tickets (waiting + running) one client may hold at once
     max_waiting: int = 20  # tickets in the whole runner, waiting or running
     time_limit_s: float = 3600.0  # wall-clock seconds one job may run once it has the models
-    max_work: int = 8 * (2 * 1000 + 2 * 100)  # frames x (stage 1 + stage 2 + 2 x DDIM steps) per job
+    max_work: int = 32 * (300 + 300 + 2 * 50)  # frames x (stage 1 + stage 2 + 2 x DDIM steps): the paper's settings at 32 frames
 
     def __post_init__(self) -> None:
         for name in ("max_per_client", "max_waiting", "max_work"):
