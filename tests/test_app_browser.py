@@ -253,19 +253,27 @@ def _log_has(served, pattern: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"{pattern!r} not in the app log:\n{text[-2000:]}")
 
 
-def test_cancel_says_cancelled_and_a_closed_tab_stops_its_job(browser, served):
-    media = served["media"]
+def _new_page(browser, served):
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(served["url"])
+    page.locator("#source-video").wait_for()
+    return context, page
+
+
+def test_cancel_says_cancelled_and_a_closed_tab_stops_its_job(browser, served):
+    media = served["media"]
+    context, page = _new_page(browser, served)
     _start_long_edit(page, media)
     page.locator("#cancel").click()
     page.locator("#status").get_by_text("Cancelled at the next step").wait_for()
     assert "Nothing of this edit was saved" in page.locator("#status").inner_text()
     _log_has(served, r"job \d+ stopped \(cancelled\)")
+    context.close()
 
     # a closed tab: its running job stops (the server logs why), and the server keeps serving
+    context, page = _new_page(browser, served)
     _start_long_edit(page, media)
     context.close()
     _log_has(served, r"job \d+ stopped \(client gone\)")
