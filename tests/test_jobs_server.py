@@ -207,3 +207,48 @@ def test_ten_jobs_from_five_clients(server, tiny_bundle, tmp_path):
         assert "Saved to" in status, (name, status)
         assert np.array_equal(_frames(edited), _lone(lone_editor, args, tmp_path / re.sub(r"\W", "_", name))), name
     assert "Reused the tuned weights" in results["re-edit"][-1]
+
+
+def test_page_messages_show_no_server_paths(server, tmp_path):
+    """Library messages name files by path; the page cuts them to the file name."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from test_upload_limits import _segment
+
+    switching = tmp_path / "bigger.ts"
+    switching.write_bytes(_segment(tmp_path / "a.ts", 64, 64, 8) + _segment(tmp_path / "b.ts", 128, 128, 3))
+    client = _client(server.url, "10.0.0.9")
+    with pytest.raises(AppError) as caught:
+        client.predict(handle_file(str(switching)), app.MOTION_PRESET, None, None, 11, 0, 1, 64, True,
+                       api_name="/preview")
+    message = str(caught.value)
+    assert "frame 8 is 128x128 but the video starts at 64x64" in message and "bigger.ts" in message
+    assert "/tmp" not in message and str(tmp_path) not in message, message
+
+
+def test_without_paths():
+    from eym.errors import without_paths
+
+    assert without_paths("/tmp/gradio/3f2a/clip.mp4: no such file") == "clip.mp4: no such file"
+    assert without_paths("cannot read /root/.cache/eym/tuned/ab/tuned.safetensors (X)") == "cannot read tuned.safetensors (X)"
+    assert without_paths("1/2 of frames, see http://host/a/b") == "1/2 of frames, see http://host/a/b"
+
+
+def test_concurrency_needs_one_model_copy_per_worker(tmp_path):
+    from eym.errors import EymError
+
+    editor = types.SimpleNamespace(components=types.SimpleNamespace(unet=object(), model_id="m", controlnet_id="c"),
+                                   edit=lambda *a, **k: None)
+    with pytest.raises(EymError, match="--concurrency 2 needs 2 model copies"):
+        app.build_demo(editor, gallery_dir=None, outputs_dir=tmp_path, concurrency=2)
+    twin = types.SimpleNamespace(components=editor.components, edit=editor.edit)
+    with pytest.raises(EymError, match="own model copy"):
+        app.build_demo([editor, twin], gallery_dir=None, outputs_dir=tmp_path, concurrency=2)
+    other = types.SimpleNamespace(components=types.SimpleNamespace(unet=object(), model_id="m", controlnet_id="c"),
+                                  edit=editor.edit)
+    demo = app.build_demo([editor, other], gallery_dir=None, outputs_dir=tmp_path, concurrency=2)
+    assert demo.eym_runner.workers == 2
+    args = app.parse_args(["--concurrency", "2", "--job-time-limit", "30m", "--jobs-per-client", "3", "--max-work", "999"])
+    limits = app.runner_limits(args)
+    assert (limits.time_limit_s, limits.max_per_client, limits.max_work, limits.max_waiting) == (1800.0, 3, 999, 20)
