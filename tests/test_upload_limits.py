@@ -150,3 +150,49 @@ def test_upload_checker_works_from_a_plain_checkout(tmp_path):
                           timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["64", "64", "8"]
+
+
+@pytest.mark.media
+def test_upload_check_comes_before_the_cache(media, tmp_path):
+    """Links out of a frame folder are refused even when a cached clip has the very same content."""
+    from PIL import Image
+
+    from eym.preprocess import PreprocessConfig, preprocess
+    from eym.video import read_video
+
+    frames = read_video(media / "taichi_hd/taichi_copart00.mp4", num_frames=4, size=64).frames
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(real / f"{i:04d}.png")
+    config = PreprocessConfig(num_frames=4, size=64)
+    cache = tmp_path / "cache"
+    preprocess(real, config, cache_dir=cache, with_masks=False)  # now cached by content
+    linked = tmp_path / "upload"
+    linked.mkdir()
+    for p in sorted(real.iterdir()):
+        (linked / p.name).symlink_to(p)  # same bytes, but outside the uploaded folder
+    with pytest.raises(EymError, match="links outside its folder"):
+        preprocess(linked, config, cache_dir=cache, with_masks=False)
+
+
+def test_disk_cap_counts_gradio_upload_copies(tmp_path, monkeypatch):
+    """Previews and edits apply the cap to Gradio's copies of uploads too, oldest first."""
+    import time as _time
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import app
+
+    uploads = tmp_path / "gradio"
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for k in range(5):
+        folder = uploads / f"hash{k}"
+        folder.mkdir(parents=True)
+        (folder / "clip.mp4").write_bytes(b"x" * 300_000)
+        os.utime(folder, (_time.time() - 1000 + k, _time.time() - 1000 + k))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    monkeypatch.setenv("EYM_DISK_CAP_GB", str(1_000_000 / 2**30))
+    app.enforce_disk_cap(outputs)
+    left = sorted(p.name for p in uploads.iterdir() if not p.name.startswith("."))
+    assert left == ["hash2", "hash3", "hash4"], left  # the two oldest went, down to 0.9 MB
