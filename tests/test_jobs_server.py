@@ -256,3 +256,14 @@ def test_concurrency_needs_one_model_copy_per_worker(tmp_path):
     args = app.parse_args(["--concurrency", "2", "--job-time-limit", "30m", "--jobs-per-client", "3", "--max-work", "999"])
     limits = app.runner_limits(args)
     assert (limits.time_limit_s, limits.max_per_client, limits.max_work, limits.max_waiting) == (1800.0, 3, 999, 20)
+
+
+def test_the_page_takes_video_files_only(tmp_path):
+    """A folder sent through the API is not a video upload (frame folders are a CLI input)."""
+    from eym.errors import EymError
+    from eym.preprocess import PreprocessConfig
+    from eym.probe import ProbeLimits
+
+    (tmp_path / "frames").mkdir()
+    with pytest.raises(EymError, match="is not a video file"):
+        app.check_upload(tmp_path / "frames", PreprocessConfig(num_frames=4, size=64), ProbeLimits())
