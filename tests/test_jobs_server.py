@@ -63,7 +63,6 @@ def _frames(path: str | Path) -> np.ndarray:
 
 def _lone(editor, args: dict, out: Path) -> np.ndarray:
     """The same edit, alone, through the same library calls as the page."""
-    limits = app.ProbeLimits() if hasattr(app, "ProbeLimits") else None
     from eym.probe import ProbeLimits
 
     limits = ProbeLimits()
