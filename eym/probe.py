@@ -11,7 +11,9 @@ Every file a user hands us goes through :func:`probe` before it is decoded for r
    height, fps, frame count and duration, refuses anything over :class:`ProbeLimits` *before*
    decoding a single frame (a PNG or GIF declaring 60000x60000 never reaches the decoder), then
    decodes the first frame to prove the codec works, and counts packets where the container
-   does not say how many frames it holds;
+   does not say how many frames it holds. Frames after the first are checked where they are
+   decoded for real (:func:`eym.video.read_video`: the decoder refuses frames over the size
+   limit, and any frame of another size than the first is refused);
 3. turns every failure (unreadable, over a limit, decoder crash, hang) into an
    :class:`~eym.errors.EymError` with a one-line message naming the file and what to do.
 
