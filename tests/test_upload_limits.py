@@ -191,6 +191,7 @@ def test_disk_cap_counts_gradio_upload_copies(tmp_path, monkeypatch):
         folder.mkdir(parents=True)
         (folder / "clip.mp4").write_bytes(b"x" * 300_000)
         os.utime(folder, (_time.time() - 1000 + k, _time.time() - 1000 + k))
+    monkeypatch.setenv("EYM_HOME", str(tmp_path / "home"))  # never the session's caches
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
     monkeypatch.setenv("EYM_DISK_CAP_GB", str(1_000_000 / 2**30))
     app.enforce_disk_cap(outputs)
