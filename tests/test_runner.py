@@ -181,3 +181,53 @@ def test_client_key_takes_the_address_the_proxy_saw():
     assert client_key("10.0.0.1") == "10.0.0.1"
     assert client_key("10.0.0.1", "6.6.6.6, 1.2.3.4") == "1.2.3.4"  # the first entry can be forged
     assert client_key(None) == "unknown"
+
+
+def test_two_real_model_copies_tune_at_once_and_equal_lone_runs(tiny_bundle, tmp_path):
+    """Finding 3: two jobs tuning at the same time, each on its own copy, give the lone-run results."""
+    import numpy as np
+
+    from eym.config import from_dict
+    from eym.editor import EditConfig, Editor, derive_prompts
+    from eym.models import load_components
+    from eym.preprocess import clip_from_keypoints
+    from eym.presets import preset_motion
+
+    def editor(name: str) -> Editor:
+        return Editor(load_components(str(tiny_bundle), device="cpu"), cache_dir=tmp_path / name, disable_progress=True)
+
+    source = clip_from_keypoints(preset_motion("tai_chi", 4), 64, 8.0)
+    jobs = {
+        "a": (clip_from_keypoints(preset_motion("wave", 4), 64, 8.0), 0),
+        "b": (clip_from_keypoints(preset_motion("squat", 4), 64, 8.0), 1),
+    }
+    prompts = derive_prompts("A person", "doing tai chi", "moving")
+    config = lambda seed: from_dict(EditConfig, {  # noqa: E731
+        "preprocess": {"num_frames": 4, "size": 64}, "tune": {"steps1": 3, "steps2": 3, "seed": seed},
+        "infer": {"ddim_steps": 3, "seed": seed}})
+    runner = JobRunner([editor("w1"), editor("w2")], RunnerLimits(max_per_client=4))
+    out: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        reference, seed = jobs[name]
+        ticket = runner.ticket("c")
+        try:
+            with runner.slot(ticket) as ed:
+                out[name] = ed.edit(source, reference, prompts, config(seed), out_dir=tmp_path / f"out-{name}",
+                                    callback=ticket.callback()).frames
+        except BaseException as err:  # noqa: BLE001 - reported below with the job's name
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert not errors, errors
+    spans = sorted((t.started, t.released_at) for t in runner.finished)
+    assert spans[1][0] < spans[0][1], "the two jobs ran at the same time"
+    lone = editor("lone")
+    for name, (reference, seed) in jobs.items():
+        alone = lone.edit(source, reference, prompts, config(seed), out_dir=tmp_path / f"lone-{name}").frames
+        assert np.array_equal(out[name], alone), name
