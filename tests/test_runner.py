@@ -159,6 +159,16 @@ def test_processors_set_by_a_job_are_restored_after_it(tiny_components):
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
 
+def test_copies_line_names_their_memory(tiny_components):
+    from eym.runner import check_copies_fit, model_bytes
+
+    per_copy = model_bytes(tiny_components)
+    assert per_copy == sum(p.numel() * p.element_size() for m in (tiny_components.unet, tiny_components.controlnet,
+                                                                  tiny_components.vae, tiny_components.text_encoder)
+                           for p in m.parameters())
+    assert check_copies_fit(tiny_components, 2).startswith("2 model copies, ")
+
+
 def test_work_cap_and_limits_from_the_environment(monkeypatch):
     config = types.SimpleNamespace(preprocess=types.SimpleNamespace(num_frames=8),
                                    tune=types.SimpleNamespace(steps1=300, steps2=300),
