@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,7 +34,8 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eym.errors import EymError  # noqa: E402
+from eym.errors import EymError, without_paths  # noqa: E402
+from eym.runner import JobCancelled, JobRunner, RunnerLimits, Ticket, client_key  # noqa: E402
 
 logger = logging.getLogger("eym.app")
 
@@ -77,25 +77,26 @@ def default_controls(is_tiny: bool) -> dict[str, Any]:
     return {"num_frames": 8, "size": 512, "stage1_steps": 300, "stage2_steps": 300, "ddim_steps": 50}
 
 
-class JobCancelled(Exception):
-    """Raised from the progress callback when the user pressed Cancel."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Library calls (the only place the app touches eym's preprocessing and editing APIs)
 # ---------------------------------------------------------------------------------------------
 def _preprocess_config(num_frames: int, start: int, stride: int, size: int):
     from eym.preprocess import PreprocessConfig
+    from eym.validate import as_whole
 
+    stride = as_whole(stride if stride is not None else 0, "stride")
     return PreprocessConfig(
-        num_frames=int(num_frames), size=int(size), start=int(start), stride=int(stride) if stride else None
+        num_frames=as_whole(num_frames, "frames"), size=as_whole(size, "resolution"), start=as_whole(start, "start frame"),
+        stride=stride or None,
     )
 
 
 def check_upload(path: str | Path, config, limits) -> None:
-    """Probe an upload (size, container, codec, frame count) before any decoding work."""
+    """Probe an upload (size, container, codec, frame count) before any decoding work or cache lookup."""
     from eym.probe import probe
 
+    if not Path(path).is_file():  # the page takes video files; a folder of frames is a CLI input
+        raise EymError(f"{Path(path).name} is not a video file; upload one video (mp4, mov, webm...)")
     needed = config.start + (config.num_frames - 1) * config.stride + 1 if config.stride else config.num_frames
     probe(path, limits=limits, min_frames=needed)
 
@@ -167,13 +168,33 @@ def edit_config(preprocess_config, *, seed: int, stage1_steps: int, stage2_steps
     """The library's ``EditConfig`` from the page's settings (one seed drives tuning and sampling)."""
     from eym.config import from_dict
     from eym.editor import EditConfig
+    from eym.validate import as_number, as_whole
 
+    seed = as_whole(seed, "seed")
     return from_dict(EditConfig, {
         "preprocess": preprocess_config,
-        "tune": {"steps1": int(stage1_steps), "steps2": int(stage2_steps), "seed": int(seed)},
-        "infer": {"ddim_steps": int(ddim_steps), "inject_steps": float(inject_fraction),
-                  "inject_layers": str(inject_layers), "retarget": bool(retarget), "seed": int(seed)},
-    }, where="app settings")
+        "tune": {"steps1": as_whole(stage1_steps, "stage 1 steps"), "steps2": as_whole(stage2_steps, "stage 2 steps"),
+                 "seed": seed},
+        "infer": {"ddim_steps": as_whole(ddim_steps, "DDIM steps"), "inject_steps": as_number(inject_fraction, "injection fraction"),
+                  "inject_layers": str(inject_layers), "retarget": bool(retarget), "seed": seed},
+    }, where="settings")
+
+
+def gradio_upload_dir() -> Path:
+    """Where Gradio keeps its copies of uploads (and of files it serves)."""
+    import tempfile
+
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def enforce_disk_cap(outputs_dir: Path) -> None:
+    """Apply ``$EYM_DISK_CAP_GB`` to job folders, caches and Gradio's upload copies, before new work."""
+    from eym.jobs import cap_from_env, default_roots, enforce_cap
+
+    cap = cap_from_env()
+    if cap is not None:
+        uploads = gradio_upload_dir()
+        enforce_cap(cap, default_roots(extra=[outputs_dir] + ([uploads] if uploads.is_dir() else [])))
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float) -> Path:
@@ -224,16 +245,20 @@ def mask_overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
 # Progress
 # ---------------------------------------------------------------------------------------------
 class ProgressRelay:
-    """Turns the library's callback(stage, step, total) into one gr.Progress bar; checks Cancel."""
+    """Turns the library's callback(stage, step, total) into one gr.Progress bar; stops a cancelled job.
 
-    def __init__(self, progress: Callable[..., Any] | None, cancel: threading.Event):
+    ``ticket.check()`` runs first at every step, so Cancel, a closed tab or the time limit stop
+    the job at its next step (:class:`eym.runner.Ticket`).
+    """
+
+    def __init__(self, progress: Callable[..., Any] | None, ticket: Ticket | None):
         self.progress = progress
-        self.cancel = cancel
+        self.ticket = ticket
         self.seen: list[str] = []  # stages in the order they reported (for the status line)
 
     def __call__(self, stage: str, step: int, total: int) -> None:
-        if self.cancel.is_set():
-            raise JobCancelled()
+        if self.ticket is not None:
+            self.ticket.check()
         if stage not in self.seen:
             self.seen.append(stage)
         order = list(STAGES)
@@ -248,22 +273,6 @@ class ProgressRelay:
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
-def _resolve_editor(editor_or_factory: Any) -> Callable[[], Any]:
-    """A getter that returns the editor, calling a factory at most once (first request)."""
-    if not _is_factory(editor_or_factory):
-        return lambda: editor_or_factory
-    lock = threading.Lock()
-    made: list[Any] = []
-
-    def get() -> Any:
-        with lock:
-            if not made:
-                made.append(editor_or_factory())
-            return made[0]
-
-    return get
-
-
 def _is_factory(obj: Any) -> bool:
     """A zero-argument factory, as opposed to an editor (editors have ``edit`` and are not callable)."""
     return callable(obj) and not hasattr(obj, "edit")
@@ -308,29 +317,77 @@ def _escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _prompts_markdown(prompts) -> str:
+def _prompts_html(prompts) -> str:
+    # HTML with escaped text, not Markdown: a prompt like ![x](https://...) stays text, no fetch.
     return (
-        f"**P_c** (content): {_escape(prompts.content)}  \n"
-        f"**P_s** (source): {_escape(prompts.source)}  \n"
-        f"**P_t** (target): {_escape(prompts.target)}"
+        f"<b>P_c</b> (content): {_escape(prompts.content)}<br>"
+        f"<b>P_s</b> (source): {_escape(prompts.source)}<br>"
+        f"<b>P_t</b> (target): {_escape(prompts.target)}"
     )
+
+
+def _page_error(err: BaseException) -> gr.Error:
+    """A library error as the page shows it: one line, no server paths."""
+    return gr.Error(without_paths(str(err)), print_exception=False)
+
+
+def cancel_message(reason: str) -> str:
+    """What the page says when a job stopped early, and what was kept."""
+    why = {"time limit": "It ran past this server's time limit per job.",
+           "client gone": "The page that started it was closed."}.get(reason, "You cancelled it.")
+    return (f"Cancelled at the next step. {why} Nothing of this edit was saved; kept for the next run: the "
+            "preprocessed clips, tuned weights finished earlier, and a checksummed tuning checkpoint if "
+            "tuning had reached one (the next edit of this source resumes from it).")
+
+
+def _event_alive() -> Callable[[], bool]:
+    """A probe that turns False once Gradio has dropped the current event (client disconnected or cancelled)."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+
+    def alive() -> bool:
+        queue = getattr(blocks, "_queue", None)
+        if event_id is None or queue is None:  # called outside Gradio's queue (tests, scripts)
+            return True
+        for events in getattr(queue, "active_jobs", None) or []:
+            for event in events or []:
+                if getattr(event, "_id", None) == event_id:
+                    return bool(getattr(event, "alive", True))  # False once its client disconnected
+        return False  # no longer running as far as Gradio knows: its task was cancelled
+
+    return alive
+
+
+def _request_client(request: gr.Request | None) -> tuple[str, str | None]:
+    """(client key for the per-client share, session hash) of a request."""
+    if request is None:
+        return "local", None
+    headers = getattr(request, "headers", None) or {}
+    host = getattr(getattr(request, "client", None), "host", None)
+    return client_key(host, headers.get("x-forwarded-for")), getattr(request, "session_hash", None)
 
 
 def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAULT_GALLERY,
                outputs_dir: str | Path = "outputs", max_upload_mb: int = 200,
-               model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1) -> gr.Blocks:
+               model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1,
+               limits: RunnerLimits | None = None) -> gr.Blocks:
     """Build the page (no launch, no model loading).
 
     Args:
         editor_or_factory: an ``eym.editor.Editor`` (or any object with its ``edit`` method and a
-            ``components`` attribute), or a zero-argument factory returning one; a factory is
-            called once, on the first request that needs it.
+            ``components`` attribute), a list of them (one per worker, each over its own model
+            copy), or a zero-argument factory returning one; a factory is called once, on the
+            first request that needs it. Every edit runs through one ``eym.runner.JobRunner``
+            that owns them.
         gallery_dir: gallery folder or manifest (see ``eym.gallery``); ``None`` hides the gallery.
         outputs_dir: folder for job outputs; the only folder the server lets users download from.
         max_upload_mb: upload limit, shown next to the upload boxes.
         model_line: the loaded model, shown at the top (default: from the editor's components).
         is_tiny: show the tiny-model banner (default: from the editor's components).
-        concurrency: edits that may run at once (the rest wait in the queue, position shown).
+        concurrency: edits that may run at once; needs that many editors (model copies).
+        limits: the runner's operator limits (time per job, share per client, work per job);
+            default ``RunnerLimits.from_env()``.
     Returns:
         The ``gr.Blocks``; call ``.queue(...)`` and ``.launch(...)`` on it (``main`` does).
     Raises:
@@ -339,8 +396,16 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     from eym.gallery import load_gallery
     from eym.probe import ProbeLimits
 
-    limits = ProbeLimits(max_bytes=int(max_upload_mb) * 2**20)
-    get_editor = _resolve_editor(editor_or_factory)
+    upload_limits = ProbeLimits(max_bytes=int(max_upload_mb) * 2**20)
+    editors = editor_or_factory if isinstance(editor_or_factory, (list, tuple)) else [editor_or_factory]
+    if len(editors) != concurrency and not _is_factory(editor_or_factory):
+        raise EymError(f"--concurrency {concurrency} needs {concurrency} model copies, got {len(editors)}; "
+                       "each job that runs at once needs its own")
+    if _is_factory(editor_or_factory) and concurrency != 1:
+        raise EymError("a lazily loaded model serves one job at a time; use --concurrency 1")
+    runner = JobRunner(editor_or_factory if _is_factory(editor_or_factory) else list(editors),
+                       limits if limits is not None else RunnerLimits.from_env())
+    editor_or_factory = editors[0] if not _is_factory(editor_or_factory) else editor_or_factory
     outputs_dir = Path(outputs_dir).resolve()
     gallery = load_gallery(gallery_dir) if gallery_dir is not None else None
     if model_line is None or is_tiny is None:
@@ -349,35 +414,30 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         model_line = model_line if model_line is not None else line
         is_tiny = is_tiny if is_tiny is not None else tiny
     defaults = default_controls(bool(is_tiny))
-    cancel_flags: dict[str, threading.Event] = {}  # session hash -> Cancel pressed (cache keyed per session)
-
-    def cancel_flag(request: gr.Request | None) -> threading.Event:
-        key = getattr(request, "session_hash", None) or "no-session"
-        return cancel_flags.setdefault(key, threading.Event())
-
     # -- handlers (each gets everything it needs as arguments) ---------------------------------
     def on_preview(source, mode, reference, preset, num_frames, start, stride, size, retarget):
         if not source:
             return None, None, None, None, "Upload a source video (or pick a demo pair) to see what the method will use."
         try:
             config = _preprocess_config(num_frames, start, stride, size)
-            src = load_source(source, config, limits)
+            enforce_disk_cap(outputs_dir)
+            src = load_source(source, config, upload_limits)
             ref_strip, ref_note = None, ""
             if (mode == MOTION_PRESET and preset) or (mode == MOTION_REFERENCE and reference):
-                ref = load_motion(mode, reference, preset, src, config, limits, retarget=bool(retarget))
+                ref = load_motion(mode, reference, preset, src, config, upload_limits, retarget=bool(retarget))
                 ref_strip = strip(ref.skeletons)
                 ref_note = f"; reference skeletons: {'preset ' + preset if mode == MOTION_PRESET else 'retargeted to the source' if retarget else 'as detected'}"
         except EymError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise _page_error(err) from None
         missing = f"; no person found in frame(s) {', '.join(map(str, src.missing))} (filled in)" if src.missing else ""
         info = f"{len(src.frames)} frames at {src.fps:.3g} fps, {config.size}x{config.size}{missing}{ref_note}"
         return strip(src.frames), strip(src.skeletons), strip(mask_overlay(src.frames, src.masks)), ref_strip, info
 
     def on_prompts(subject, source_motion, target_motion, p_c, p_s, p_t):
         try:
-            return _prompts_markdown(compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t))
+            return _prompts_html(compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t))
         except EymError as err:
-            return f"*{_escape(str(err))}*"
+            return f"<i>{_escape(str(err))}</i>"
 
     def on_gallery(name):
         if gallery is None or not name:
@@ -386,7 +446,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             entry = gallery.get(name)
             src, ref = stage_gallery_entry(entry, outputs_dir / "_gallery")
         except EymError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise _page_error(err) from None
         return (
             str(src),
             MOTION_PRESET if entry.preset else MOTION_REFERENCE,
@@ -401,17 +461,28 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         )
 
     def on_cancel(request: gr.Request):
-        cancel_flag(request).set()
-        gr.Info("Cancelling: the job stops at its next step and leaves nothing behind.")
+        _client, session = _request_client(request)
+        stopped = runner.cancel_session(session, "cancelled")
+        return cancel_message("cancelled") if stopped else "Nothing to cancel: no edit of yours is queued or running."
+
+    def on_unload(request: gr.Request):
+        _client, session = _request_client(request)
+        runner.cancel_session(session, "client gone")  # a closed tab gives its GPU time back
 
     def on_edit(source, mode, reference, preset, num_frames, start, stride, size, retarget,
                 subject, source_motion, target_motion, p_c, p_s, p_t,
                 seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction, inject_layers,
                 request: gr.Request, progress=gr.Progress()):
-        flag = cancel_flag(request)
-        flag.clear()
-        relay = ProgressRelay(progress, flag)
+        from eym.runner import check_work
+
+        client, session = _request_client(request)
         try:
+            ticket = runner.ticket(client, session, alive=_event_alive())  # admission: per-client share
+        except EymError as err:
+            raise _page_error(err) from None
+        relay = ProgressRelay(progress, ticket)
+        try:
+            # 1. settings and prompts: bounded and checked before any work
             if not source:
                 raise EymError("upload a source video first (or pick a demo pair from the gallery)")
             prompts = compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
@@ -419,20 +490,30 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                    ddim_steps=ddim_steps, inject_fraction=inject_fraction,
                                    inject_layers=inject_layers, retarget=retarget)
+            check_work(settings, runner.limits.max_work)
+            # 2. uploads checked, then preprocessed (no model needed: done while waiting)
+            enforce_disk_cap(outputs_dir)
             relay("preprocess", 0, 2)
-            src = load_source(source, config, limits)
+            src = load_source(source, config, upload_limits)
             relay("preprocess", 1, 2)
             # the editor retargets (EditConfig.infer.retarget), so it gets the skeletons as detected
-            ref = load_motion(mode, reference, preset, src, config, limits, retarget=False)
+            ref = load_motion(mode, reference, preset, src, config, upload_limits, retarget=False)
             relay("preprocess", 2, 2)
-            return run_job(get_editor(), src, ref, prompts, settings, outputs_dir, relay)
-        except JobCancelled:
-            raise gr.Error("Cancelled. Nothing was written; start again when ready.", print_exception=False) from None
+            # 3. the models, for this job alone, until it ends or stops
+            waiting = lambda ahead: progress(0.0, desc=f"Waiting for the GPU: {ahead} edit(s) ahead")  # noqa: E731
+            with runner.slot(ticket, on_wait=waiting) as editor:
+                return run_job(editor, src, ref, prompts, settings, outputs_dir, relay)
+        except JobCancelled as stop:
+            raise gr.Error(cancel_message(stop.reason), print_exception=False) from None
         except EymError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise _page_error(err) from None
+        finally:
+            runner.release(ticket)
 
     # -- layout --------------------------------------------------------------------------------
-    with gr.Blocks(title="Edit-Your-Motion", delete_cache=(3600, 24 * 3600)) as demo:
+    # Gradio's copies of uploads and outputs: swept every 10 min, gone after an hour (the disk cap
+    # counts them meanwhile, see enforce_disk_cap).
+    with gr.Blocks(title="Edit-Your-Motion", delete_cache=(600, 3600)) as demo:
         gr.HTML(_header_html(model_line, bool(is_tiny)))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
@@ -482,7 +563,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                                        elem_id="source-motion")
             target_motion = gr.Textbox(label="Target motion", placeholder="is raising both arms in a garden",
                                        elem_id="target-motion")
-        prompts_view = gr.Markdown(elem_id="prompts-view")
+        prompts_view = gr.HTML(elem_id="prompts-view")
         with gr.Accordion("Advanced: prompts and settings", open=False):
             with gr.Row():
                 p_c = gr.Textbox(label="P_c override", elem_id="p-c")
@@ -536,8 +617,13 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction,
                                                           inject_layers]
         edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
-                               api_name="edit", concurrency_id="gpu", concurrency_limit=concurrency, show_progress_on=[out_edited, status])
-        cancel.click(on_cancel, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+                               api_name="edit", concurrency_id="gpu", concurrency_limit=runner.limits.max_waiting,
+                               show_progress_on=[out_edited, status])
+        # Edits wait in the runner (FIFO, per-client share), not in Gradio's queue: so every
+        # waiting edit can be cancelled and counted, and the models have one owner.
+        cancel.click(on_cancel, None, status, cancels=[edit_event], queue=False, api_visibility="private")
+        demo.unload(on_unload)
+    demo.eym_runner = runner  # for health checks and tests
     return demo
 
 
@@ -638,7 +724,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="interface to listen on (0.0.0.0 in Docker); default 127.0.0.1 or $EYM_HOST")
     parser.add_argument("--port", type=int, default=int(os.environ.get("EYM_PORT", "7860")), help="default 7860")
     parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
-    parser.add_argument("--concurrency", type=int, default=1, help="edits running at once (default 1: one GPU job)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="edits running at once, each on its own model copy (default 1: one GPU job); "
+                             "refused when the copies do not fit the GPU")
+    parser.add_argument("--job-time-limit", default=os.environ.get("EYM_JOB_TIME_LIMIT") or None,
+                        help="wall-clock limit of one edit once it runs, e.g. 45m or 2h; stopped at the next step "
+                             "after it (default 1h, or $EYM_JOB_TIME_LIMIT)")
+    parser.add_argument("--jobs-per-client", type=int, default=None,
+                        help="edits one client (address) may have queued or running (default 2, or $EYM_JOBS_PER_CLIENT)")
+    parser.add_argument("--max-work", type=int, default=None,
+                        help="cap on frames x (stage 1 + stage 2 + 2 x DDIM steps) of one edit "
+                             "(default 22400: the paper's settings at 32 frames; or $EYM_MAX_WORK)")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
     parser.add_argument("--disk-cap-gb", type=float, default=None,
                         help="cap on job folders + caches; least recently used evicted first, running jobs never "
@@ -657,7 +753,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="weight dtype (default: bfloat16 on CUDA cards that have it, else float16; float32 on CPU)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    for name in ("queue_size", "concurrency", "max_upload_mb"):
+    for name in ("queue_size", "concurrency", "max_upload_mb", "jobs_per_client", "max_work"):
+        if getattr(args, name) is None:
+            continue
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
@@ -665,6 +763,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.disk_cap_gb is not None and not args.disk_cap_gb > 0:
         parser.error(f"--disk-cap-gb must be positive, got {args.disk_cap_gb}")
     return args
+
+
+def runner_limits(args: argparse.Namespace) -> RunnerLimits:
+    """The runner's operator limits from the flags, the environment and the defaults."""
+    from eym.jobs import parse_duration
+
+    limit = parse_duration(args.job_time_limit) if args.job_time_limit else None
+    return RunnerLimits.from_env(time_limit_s=limit, max_per_client=args.jobs_per_client, max_work=args.max_work,
+                                 max_waiting=args.queue_size)
+
+
+def load_editors(args: argparse.Namespace) -> list:
+    """One Editor per ``--concurrency`` worker, each over its own model copy (refused if they do not fit)."""
+    from eym.runner import check_copies_fit
+
+    first = load_editor(args.model, args.controlnet, args.device, args.dtype)
+    logger.info("job runner: %s", check_copies_fit(first.components, args.concurrency))
+    return [first] + [load_editor(args.model, args.controlnet, args.device, args.dtype) for _ in range(args.concurrency - 1)]
 
 
 def load_editor(model: str | None, controlnet: str | None, device: str | None, dtype: str):
@@ -730,11 +846,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs.mkdir(parents=True, exist_ok=True)
         from eym.cache import clean_stale_tmp
 
+        from eym.jobs import remove_crashed
+
         clean_stale_tmp(outputs)  # leftovers of jobs killed mid-way in an earlier run
-        editor = load_editor(args.model, args.controlnet, args.device, args.dtype)
+        remove_crashed([outputs])
+        limits = runner_limits(args)
+        editors = load_editors(args)
         gallery = None if args.gallery.lower() == "none" else args.gallery
-        demo = build_demo(editor, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
-                          concurrency=args.concurrency)
+        demo = build_demo(editors, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
+                          concurrency=args.concurrency, limits=limits)
     except EymError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

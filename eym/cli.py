@@ -319,8 +319,13 @@ def _edit_config(args: argparse.Namespace):
 
 def _editor_prompts(args: argparse.Namespace):
     from eym.editor import derive_prompts
+    from eym.validate import check_prompt
 
-    prompts = derive_prompts(content=args.content_prompt, source=args.source_prompt, target=args.target_prompt)
+    # Cleaned as the app cleans them: control characters (terminal escapes) never reach the
+    # model, the settings file or this terminal.
+    content, source, target = (check_prompt(text, what=what) or None for text, what in (
+        (args.content_prompt, "content prompt"), (args.source_prompt, "source prompt"), (args.target_prompt, "target prompt")))
+    prompts = derive_prompts(content=content, source=source, target=target)
     if not args.content_prompt:
         print(f"content prompt (derived): {prompts.content}")
     return prompts

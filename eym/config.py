@@ -23,6 +23,8 @@ C = TypeVar("C")
 
 __all__ = ["from_dict", "to_dict", "load_config", "replace"]
 
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few hundred bytes; anything this big is not one
+
 
 def from_dict(cls: type[C], data: Mapping[str, Any] | None, *, where: str | None = None) -> C:
     """Build the config dataclass ``cls`` from a plain dict, rejecting unknown keys and bad types.
@@ -70,9 +72,20 @@ def load_config(cls: type[C], path: str | Path) -> C:
     """Read a JSON (or YAML, by suffix) settings file into ``cls``; bad files raise EymError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if not path.exists():
+            raise EymError(f"cannot read settings file {path.name}: no such file; check the path")
+        if not path.is_file():  # a device (/dev/zero), a FIFO or a folder would never end or make sense
+            raise EymError(f"settings file {path.name} is not a regular file; give the path of a JSON or YAML file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SETTINGS_BYTES + 1)
     except OSError as err:
-        raise EymError(f"cannot read settings file {path}: {err.strerror}; check the path") from None
+        raise EymError(f"cannot read settings file {path.name}: {err.strerror}; check the path") from None
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise EymError(f"settings file {path.name} is over {MAX_SETTINGS_BYTES // 1024} KB; a settings file is a few lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EymError(f"settings file {path.name} is not UTF-8 text; save it as a JSON or YAML text file") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -84,7 +97,9 @@ def load_config(cls: type[C], path: str | Path) -> C:
         else:
             data = json.loads(text)
     except ValueError as err:  # json.JSONDecodeError is a ValueError
-        raise EymError(f"settings file {path} is not valid: {err}; fix its syntax") from None
+        raise EymError(f"settings file {path.name} is not valid: {err}; fix its syntax") from None
+    except RecursionError:
+        raise EymError(f"settings file {path.name} is nested too deeply; settings are at most two levels deep") from None
     return from_dict(cls, data, where=path.name)
 
 

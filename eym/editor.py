@@ -38,6 +38,7 @@ import torch
 from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.validate import check_ddim_steps, check_ranges
 from eym.preprocess import PreprocessConfig
 from eym.tuning import TuneConfig, TuningData, tune_dpl
 
@@ -180,6 +181,7 @@ class InferConfig:
     seed: int = 0  # seeds the VAE sampling of the source latents
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
         if self.ddim_steps < 1:
             raise EymError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
         if self.guidance_scale < 1.0:
@@ -367,6 +369,8 @@ class Editor:
             _LOADED[unet] = None  # whatever happened, the UNet no longer holds the base weights
             del data
             _free_memory(c.device)
+            if partial.is_dir() and not any(partial.iterdir()):
+                partial.rmdir()  # stopped before its first checkpoint: nothing to resume from
 
         manifest = {
             "kind": TUNED_KIND,
@@ -590,6 +594,7 @@ class Editor:
 
         config = config or EditConfig()
         _check_prompt(prompts.target, "target prompt (P_t)")
+        check_ddim_steps(config.infer.ddim_steps, self.components.scheduler)  # before tuning, not after it
         started = time.perf_counter()
         source_clip = self.load_source(source, config, callback=callback)
         reference_clip = self.load_reference(reference, source_clip, config, callback=callback)

@@ -390,6 +390,19 @@ def clear(roots: Sequence[str | os.PathLike] | None = None, *, older_than_s: flo
     return removed
 
 
+def remove_crashed(roots: Sequence[str | os.PathLike] | None = None) -> list[Entry]:
+    """Remove job folders whose process died mid-job ("crashed") or that failed; never a running one.
+
+    A job's outputs are only useful once it finished: the app removes a failed job's folder
+    itself, but a killed server leaves its running jobs behind as "crashed" folders.
+    """
+    removed = []
+    for e in list_entries(roots):
+        if e.state in ("crashed", "failed") and not e.in_use and evict(e):
+            removed.append(e)
+    return removed
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

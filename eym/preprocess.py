@@ -31,6 +31,7 @@ import numpy as np
 
 from eym.cache import building, hash_path, load_entry, sha256_bytes, stable_hash
 from eym.errors import EymError
+from eym.validate import check_ranges
 from eym.env import eym_home
 from eym.masks import fill_empty_masks, get_mask_backend
 from eym.probe import ProbeLimits, probe
@@ -61,6 +62,7 @@ class PreprocessConfig:
     mask: str = "mediapipe"  # mask backend: "mediapipe" | "rembg"
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
         if self.num_frames < 1:
             raise EymError(f"num_frames={self.num_frames}: ask for at least 1 frame")
         if self.size < 64 or self.size % 8:
@@ -298,9 +300,17 @@ def preprocess(
         if callback is not None:
             callback("preprocess", step, total_steps)
 
-    # 1. Check inputs and look in the cache. A clip with masks also serves a request without.
+    # 1. Check the input, then look in the cache (a clip with masks also serves a request
+    #    without). The probe runs in a separate, time- and memory-limited process, so a hostile
+    #    or broken file fails there with a clear message instead of crashing or hanging this
+    #    one; it runs before the cache lookup, so a cached clip never vouches for an input
+    #    (an outside symlink, a damaged copy) that would not pass on its own.
     if not video.exists():
         raise EymError(f"{video}: no such file or folder; check the path")
+    probe(video, limits=ProbeLimits(
+        max_bytes=_MAX_INPUT_BYTES, max_seconds=limits.max_duration_s, max_side=limits.max_side,
+        max_frames=limits.max_source_frames,
+    ))
     pose_backend = get_pose_backend(config.pose, progress=progress)
     keys = [cache_key(video, config, pose_backend.name, True)]
     if not with_masks:
@@ -315,14 +325,7 @@ def preprocess(
     key = keys[0]
     mask_backend = get_mask_backend(config.mask, progress=progress) if with_masks else None
 
-    # 2. Probe in a separate, time- and memory-limited process first, so that a hostile or
-    #    broken file fails there with a clear message instead of crashing or hanging this one.
-    probe(video, limits=ProbeLimits(
-        max_bytes=_MAX_INPUT_BYTES, max_seconds=limits.max_duration_s, max_side=limits.max_side,
-        max_frames=limits.max_source_frames,
-    ))
-
-    # 3. Read and sample.
+    # 2. Read and sample.
     clip_video = read_video(
         video,
         num_frames=config.num_frames,
@@ -335,7 +338,7 @@ def preprocess(
     frames = clip_video.frames
     report()
 
-    # 4. Pose, with frames where nobody was found filled from the nearest frame.
+    # 3. Pose, with frames where nobody was found filled from the nearest frame.
     raw = pose_backend.detect(frames)
     if len(empty_frames(raw)) == len(raw):
         raise EymError(f"{video}: no person found in any of the {len(raw)} sampled frames; use a video with one clearly visible person")
@@ -346,7 +349,7 @@ def preprocess(
     skeletons = draw_skeletons(keypoints, config.size, config.size)
     report()
 
-    # 5. Person masks.
+    # 4. Person masks.
     if mask_backend is not None:
         masks, empty = fill_empty_masks(mask_backend.segment(frames))
         if empty:
@@ -355,7 +358,7 @@ def preprocess(
         masks = np.zeros((len(frames), 0, 0), bool)
     report()
 
-    # 6. Write the cache entry atomically (a crash leaves no half entry) and load it back.
+    # 5. Write the cache entry atomically (a crash leaves no half entry) and load it back.
     clip = Clip(
         frames=frames,
         keypoints=keypoints,

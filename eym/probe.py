@@ -11,7 +11,9 @@ Every file a user hands us goes through :func:`probe` before it is decoded for r
    height, fps, frame count and duration, refuses anything over :class:`ProbeLimits` *before*
    decoding a single frame (a PNG or GIF declaring 60000x60000 never reaches the decoder), then
    decodes the first frame to prove the codec works, and counts packets where the container
-   does not say how many frames it holds;
+   does not say how many frames it holds. Frames after the first are checked where they are
+   decoded for real (:func:`eym.video.read_video`: the decoder refuses frames over the size
+   limit, and any frame of another size than the first is refused);
 3. turns every failure (unreadable, over a limit, decoder crash, hang) into an
    :class:`~eym.errors.EymError` with a one-line message naming the file and what to do.
 
@@ -180,17 +182,24 @@ def sniff_container(head: bytes) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The probe process. Everything below runs in a child (`python -m eym.probe`), so that a decoder
+# The probe process. Everything below runs in a child (:data:`_BOOT`), so that a decoder
 # crash, hang or memory blow-up on a hostile file cannot hurt the caller.
 # ---------------------------------------------------------------------------------------------
+
+
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the folder holding eym/
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from eym.probe import _worker_main; raise SystemExit(_worker_main(sys.argv[2]))"
 
 
 def _run_worker(path: Path, kind: str, limits: ProbeLimits) -> dict[str, Any]:
     """Run the probe in a child process with a timeout; its one JSON line of output, or EymError."""
     name = path.name
-    request = json.dumps({"path": str(path), "kind": kind, "limits": asdict(limits)})
-    # -I: ignore PYTHON* variables and the user site; -B: write no bytecode (it may not write).
-    cmd = [sys.executable, "-I", "-B", "-m", "eym.probe", request]
+    # Absolute: the child runs in "/" so that nothing of the caller's working folder is in reach.
+    request = json.dumps({"path": os.path.abspath(path), "kind": kind, "limits": asdict(limits)})
+    # -I: ignore PYTHON* variables, the user site and the working folder; -B: write no bytecode
+    # (it may not write). Isolated mode cannot see this checkout, so the package's own parent
+    # folder goes on the path explicitly: the probe runs this very code, installed or not.
+    cmd = [sys.executable, "-I", "-B", "-c", _BOOT, str(_PACKAGE_PARENT), request]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, timeout=limits.timeout_s, stdin=subprocess.DEVNULL, cwd="/"

@@ -23,12 +23,14 @@ one ControlNet forward (frozen, under ``torch.no_grad``: its residuals depend on
 UNet forward/backward with the frames folded into the batch; there is no Python loop over frames.
 
 Checkpoints: every ``checkpoint_every`` steps the trained tensors, the optimizer state, the step
-and the RNG state are written atomically to ``checkpoint_dir/checkpoint.pt``; :func:`tune_dpl`
+and the RNG state are written atomically to ``checkpoint_dir/checkpoint.pt`` with their sha256
+(a damaged checkpoint is ignored, never resumed from); :func:`tune_dpl`
 resumes from there, and the result equals that of an uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 from eym.cache import atomic_write_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.validate import check_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ ProgressCallback = Callable[[str, int, int], None]
 LogFn = Callable[[dict], None]
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_MAGIC = b"EYMCKPT1"  # then the sha256 of the rest, then torch.save's bytes
 _MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
@@ -70,6 +74,7 @@ class TuneConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, ~2 s); 0 turns them off
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
         if self.steps1 < 0 or self.steps2 < 0:
             raise EymError(f"tuning steps must be >= 0, got steps1={self.steps1}, steps2={self.steps2}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -564,7 +569,9 @@ def _save_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str, **stat
         return
     buffer = io.BytesIO()
     torch.save({"fingerprint": fingerprint, **state}, buffer)
-    atomic_write_bytes(Path(checkpoint_dir) / CHECKPOINT, buffer.getvalue())
+    payload = buffer.getvalue()
+    # The digest rides in the same file, so the one atomic rename publishes both together.
+    atomic_write_bytes(Path(checkpoint_dir) / CHECKPOINT, CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def _load_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str) -> dict | None:
@@ -575,7 +582,10 @@ def _load_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str) -> dic
     if not path.exists():
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
+        if ckpt is None:
+            logger.warning("ignoring damaged checkpoint %s (sha256 mismatch); tuning starts over", path)
+            return None
         if ckpt["fingerprint"] != fingerprint or ckpt["stage"] not in (1, 2):
             logger.warning("ignoring checkpoint %s: it belongs to another tuning job", path)
             return None
@@ -583,6 +593,16 @@ def _load_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str) -> dic
     except Exception as err:  # a torn or foreign file: any unpickling error means "start over"
         logger.warning("ignoring unreadable checkpoint %s (%s); tuning starts over", path, type(err).__name__)
         return None
+
+
+def read_checkpoint(path: str | Path) -> dict | None:
+    """A checkpoint file's state, or ``None`` if its sha256 does not match (a flipped bit, a torn file)."""
+    data = Path(path).read_bytes()
+    start = len(CHECKPOINT_MAGIC)
+    head, digest, payload = data[:start], data[start : start + 32], data[start + 32 :]
+    if head != CHECKPOINT_MAGIC or hashlib.sha256(payload).digest() != digest:
+        return None
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def config_fingerprint(config: TuneConfig) -> str:

@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # as eym.probe.FRAME_EXTENSIONS (no TIFF: a risky decoder)
 FOLDER_FPS = 8.0  # a frame folder carries no timing; 8 fps is what MotionEditor-style 8-frame clips use
 RESIZE_MODES = ("crop", "pad")
+DECODE_THREADS = 2  # decoder threads; bounds the frames in flight (peak memory) on many-core servers
 
 
 @dataclass(frozen=True)
@@ -236,31 +238,66 @@ def _apply_rotation(image: np.ndarray, degrees: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
 
 
-def _decode(path: Path, wanted: list[int], limits: VideoLimits) -> tuple[dict[int, np.ndarray], int]:
-    """Decode ``path`` sequentially and keep the ``wanted`` frames; also return how many were decoded."""
+def _decode(path: Path, wanted: list[int], limits: VideoLimits,
+            fit: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """Decode ``path`` sequentially and keep the ``wanted`` frames (each passed through ``fit``); also return how many were decoded.
+
+    Every frame is checked, not only the first: the decoder itself refuses frames over
+    ``limits.max_side`` squared pixels before allocating them (its ``max_pixels`` option), and
+    a frame whose size differs from the first one's is refused before it is converted or kept,
+    so a stream that switches from 64x64 to 16000x16000 mid-way costs no more memory than its
+    small frames. Kept frames are fitted right away, so memory holds ``len(wanted)`` output-sized
+    frames, not source-sized ones.
+    """
     import av
 
     keep = set(wanted)
     last = max(wanted)
     frames: dict[int, np.ndarray] = {}
     decoded = 0
+    first: tuple[int, int] | None = None
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.thread_count = DECODE_THREADS  # frames in flight: each up to max_side^2 pixels
+        declared = stream.codec_context
+        if declared.width and declared.height:  # the container's header, before any decoding
+            _check_limits(path, declared.width, declared.height, 0, 1.0, limits)
+        stream.codec_context.options = {"max_pixels": str(limits.max_side**2)}
         try:
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
-                if index == 0:
-                    _check_limits(path, frame.width, frame.height, 0, 1.0, limits)
+                first = _check_frame(path, index, frame.width, frame.height, first, limits)
                 if index in keep:
-                    frames[index] = _apply_rotation(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0) or 0)
+                    image = _apply_rotation(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0) or 0)
+                    frames[index] = fit(image) if fit is not None else image
+                del frame
                 if index >= last:
                     break
         except av.FFmpegError as err:
+            # The decoder refused a frame: if the stream now declares another size, say so.
+            ctx = stream.codec_context
+            if ctx.width and ctx.height and (ctx.width, ctx.height) != first:
+                _check_frame(path, decoded, ctx.width, ctx.height, first, limits)
             if not frames:
                 raise EymError(f"{path}: video cannot be decoded ({err}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
             logger.warning("%s: decoding stopped early at frame %d (%s)", path, decoded, err)
     return frames, decoded
+
+
+def _check_frame(path: Path, index: int, width: int, height: int, first: tuple[int, int] | None,
+                 limits: VideoLimits) -> tuple[int, int]:
+    """The first frame's size; EymError for a frame over the limits or of another size than the first."""
+    if first is None:
+        _check_limits(path, width, height, 0, 1.0, limits)
+        return (width, height)
+    if (width, height) != first:
+        _check_limits(path, width, height, 0, 1.0, limits)
+        raise EymError(
+            f"{path}: frame {index} is {width}x{height} but the video starts at {first[0]}x{first[1]}; "
+            "a video must keep one frame size, re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)"
+        )
+    return first
 
 
 def _sample_for(path: Path, total: int, num_frames: int | None, start: int, stride: int | None) -> list[int]:
@@ -307,6 +344,7 @@ def read_video(
         raise EymError(f"resize_mode={resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
     total, source_fps = count_frames(path)
 
+    fitted = False
     if path.is_dir():
         files = list_frame_files(path)
         indices = _sample_for(path, total, num_frames, start, stride)
@@ -320,19 +358,21 @@ def read_video(
     else:
         _check_limits(path, 0, 0, total, source_fps, limits)
         indices = _sample_for(path, total, num_frames, start, stride)
-        decoded_frames, decoded = _decode(path, indices, limits)
+        fit = (lambda im: resize_square(im, size, resize_mode)) if size is not None else None
+        decoded_frames, decoded = _decode(path, indices, limits, fit)
         if len(decoded_frames) < len(indices):
             # The header over-counted (common with variable-frame-rate files): sample again from
             # the true count, which the first pass has just measured.
             logger.info("%s: header says %d frames, %d decode; resampling", path, total, decoded)
             total = decoded
             indices = _sample_for(path, total, num_frames, start, stride)
-            decoded_frames, decoded = _decode(path, indices, limits)
+            decoded_frames, decoded = _decode(path, indices, limits, fit)
             if len(decoded_frames) < len(indices):
                 raise EymError(f"{path}: only {decoded} frames could be decoded; ask for fewer frames or re-encode the video")
         images = [decoded_frames[i] for i in indices]
+        fitted = size is not None
 
-    if size is not None:
+    if size is not None and not fitted:
         images = [resize_square(im, size, resize_mode) for im in images]
     frames = np.stack(images).astype(np.uint8)  # (F, H, W, 3)
     step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1.0

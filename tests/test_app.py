@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import types
 import urllib.request
 from pathlib import Path
@@ -129,7 +128,7 @@ def test_real_model_page_has_no_banner_and_paper_defaults(tmp_path):
 
 def test_progress_relay_walks_one_bar_through_the_stages_and_cancels():
     seen = []
-    cancel = threading.Event()
+    cancel = app.Ticket(id=1, client="c", session="s")
     relay = app.ProgressRelay(lambda fraction, desc: seen.append((fraction, desc)), cancel)
     for stage in app.STAGES:
         for step in range(4):
@@ -137,7 +136,7 @@ def test_progress_relay_walks_one_bar_through_the_stages_and_cancels():
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == pytest.approx(1.0)
     assert "Stage 1" in seen[5][1] and "(1/3)" in seen[5][1]
-    cancel.set()
+    cancel.cancel()
     with pytest.raises(app.JobCancelled):
         relay("sampling", 1, 3)
 
@@ -311,7 +310,7 @@ def test_cancelled_job_leaves_no_folder_behind(tmp_path):
     from eym.presets import preset_motion
 
     clip = clip_from_keypoints(preset_motion("wave", 4), 64, 8.0)
-    cancel = threading.Event()
+    cancel = app.Ticket(id=1, client="c", session="s")
     relay = app.ProgressRelay(None, cancel)
     editor = FakeEditor()
     settings = types.SimpleNamespace(infer=types.SimpleNamespace(retarget=False))
@@ -323,7 +322,7 @@ def test_cancelled_job_leaves_no_folder_behind(tmp_path):
 
     def edit_then_cancel(*args, **kwargs):
         (Path(kwargs["out_dir"]) / "partial.mp4").write_bytes(b"half")
-        cancel.set()
+        cancel.cancel()
         return original(*args, **kwargs)
 
     editor.edit = edit_then_cancel

@@ -205,3 +205,77 @@ def test_bad_inputs_show_messages_and_the_app_keeps_serving(page, served, tmp_pa
     with urllib.request.urlopen(served["url"] + "healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
     assert "8 frames" in page.locator("#preview-info").inner_text()
+
+
+def test_markdown_in_a_prompt_stays_text_and_fetches_nothing(page, served):
+    """A prompt with a Markdown image and link renders as plain text: no <img>, no <a>, no request."""
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    bait = "![x](http://127.0.0.1:9/pixel.png) [click](http://127.0.0.1:9/go) <img src=http://127.0.0.1:9/raw.png>"
+    page.locator("#subject textarea").fill(f"A man {bait}")
+    page.locator("#source-motion textarea").fill("practicing tai chi")
+    page.locator("#target-motion textarea").fill("raising both arms")
+    view = page.locator("#prompts-view")
+    view.get_by_text("raising both arms").first.wait_for()
+    page.wait_for_timeout(1000)
+    text = view.inner_text()
+    assert "![x](http://127.0.0.1:9/pixel.png)" in text and "<img src=" in text
+    assert view.locator("img").count() == 0 and view.locator("a").count() == 0
+    assert not [u for u in requests if "127.0.0.1:9/" in u], requests
+
+
+def _start_long_edit(page, media: Path) -> None:
+    _upload(page, "source-video", media / SOURCE)
+    _image_loaded(page, "src-frames")
+    page.locator("#subject textarea").fill("A man in a white tai chi suit")
+    page.locator("#source-motion textarea").fill("practicing tai chi")
+    page.locator("#target-motion textarea").fill("raising both arms")
+    page.locator("#motion-mode").get_by_text("Preset motion").click()
+    page.locator("#preset input").click()
+    page.get_by_role("option").first.click()
+    page.locator("summary, button").filter(has_text="Advanced").first.click()
+    page.locator("#stage1-steps input").fill("2000")
+    page.locator("#run").click()
+    # running: the bar names stage 1
+    page.wait_for_function(
+        "() => ((document.querySelector('#out-edited [data-testid=status-tracker]') || {}).innerText || '').includes('Stage 1')",
+        timeout=120_000)
+
+
+def _log_has(served, pattern: str, timeout: float = 60.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = (served["root"] / "app.log").read_text()
+        found = re.findall(pattern, text)
+        if found:
+            return found[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} not in the app log:\n{text[-2000:]}")
+
+
+def _new_page(browser, served):
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(served["url"])
+    page.locator("#source-video").wait_for()
+    return context, page
+
+
+def test_cancel_says_cancelled_and_a_closed_tab_stops_its_job(browser, served):
+    media = served["media"]
+    context, page = _new_page(browser, served)
+    _start_long_edit(page, media)
+    page.locator("#cancel").click()
+    page.locator("#status").get_by_text("Cancelled at the next step").wait_for()
+    assert "Nothing of this edit was saved" in page.locator("#status").inner_text()
+    _log_has(served, r"job \d+ stopped \(cancelled\)")
+    context.close()
+
+    # a closed tab: its running job stops (the server logs why), and the server keeps serving
+    context, page = _new_page(browser, served)
+    _start_long_edit(page, media)
+    context.close()
+    _log_has(served, r"job \d+ stopped \(client gone\)")
+    with urllib.request.urlopen(served["url"] + "healthz", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"

@@ -103,13 +103,15 @@ class EditProcess:
 
 def _checkpoint(home: Path) -> dict | None:
     """Stage and step of the tuning checkpoint on disk, if any (written atomically, so whole)."""
-    import torch
+    from eym.tuning import read_checkpoint
 
     for path in (home / "tuned").glob(".partial-*/checkpoint.pt"):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = read_checkpoint(path)
         except (OSError, RuntimeError, EOFError):
             return None  # renamed away between glob and load
+        if ckpt is None:
+            return None
         return {"stage": int(ckpt["stage"]), "step": int(ckpt["step"])}
     return None
 

@@ -94,6 +94,25 @@ def test_killed_job_is_released_and_reported_crashed(home):
     assert jobs.evict(entry) and not folder.exists()
 
 
+def test_remove_crashed_keeps_running_and_finished_jobs(home):
+    """What a killed server left ("crashed") and failed jobs go at start-up; running and done ones stay."""
+    root = home / "jobs"
+    running = jobs.new_job(root)
+    done = jobs.new_job(root)
+    done.finish(ok=True)
+    failed = jobs.new_job(root)
+    failed.finish(ok=False)
+    crashed = jobs.new_job(root)
+    jobs._unlock(crashed._lock_fd)  # as if its process died: the lock is gone, the state says "running"
+    crashed._lock_fd = None
+    states = {e.path.name: e.state for e in jobs.list_entries([root])}
+    assert states[crashed.id] == "crashed" and states[failed.id] == "failed"
+    removed = {e.path.name for e in jobs.remove_crashed([root])}
+    assert removed == {crashed.id, failed.id}
+    assert running.folder.is_dir() and done.folder.is_dir()
+    running.finish()
+
+
 # ---------------------------------------------------------------------------------------------
 # disk cap
 # ---------------------------------------------------------------------------------------------

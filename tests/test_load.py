@@ -130,7 +130,8 @@ def test_six_jobs_from_three_clients(server):
 
     from eym.video import count_frames
 
-    clients = [Client(server.url, verbose=False) for _ in range(3)]
+    # three clients as a proxy reports them (each within its queue share of two edits)
+    clients = [Client(server.url, verbose=False, headers={"X-Forwarded-For": f"10.1.0.{k}"}) for k in range(3)]
     health = HealthPoller(server.url)
     health.start()
     t_start = time.time()

@@ -286,7 +286,7 @@ def test_sniff_container():
 # prompts and names
 # ---------------------------------------------------------------------------------------------
 def test_check_prompt_cleans_and_bounds():
-    assert check_prompt("  A man\tin a\nred suit \x1b[31m is dancing\x00 ") == "A man in a red suit [31m is dancing"
+    assert check_prompt("  A man\tin a\nred suit \x1b[31m is dancing\x00 ") == "A man in a red suit is dancing"
     assert check_prompt("a \u202egnicnad\u202c girl\u200b") == "a gnicnad girl"  # bidi + zero-width gone
     assert check_prompt("Un garçon 跳舞 🙂") == "Un garçon 跳舞 🙂"  # ordinary non-ASCII is kept
     assert check_prompt(None) == "" and check_prompt(" \n ") == ""

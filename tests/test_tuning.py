@@ -243,3 +243,24 @@ def test_impossible_precision_is_a_clear_error_and_leaves_the_model_intact(compo
     after = full_state(c)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert all(".temporal_attn." in k for k in changed)  # at most the seeded temporal init ran
+
+
+def test_bit_flipped_checkpoint_is_detected_and_not_resumed(components, tmp_path):
+    """A checkpoint whose bytes changed on disk (one flipped bit) fails its sha256: tuning starts over."""
+    from eym.tuning import read_checkpoint
+
+    c = components
+    config = TuneConfig(steps1=2, steps2=2, lr=1e-3, checkpoint_every=1)
+    data = random_data()
+    with pytest.raises(Interrupt):
+        tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="A",
+                 callback=lambda s, i, n: (_ for _ in ()).throw(Interrupt) if (s, i) == ("stage2", 1) else None, disable=True)
+    path = tmp_path / "checkpoint.pt"
+    intact = read_checkpoint(path)
+    assert intact is not None and (intact["stage"], intact["step"]) == (2, 1)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, in the middle of the tensors
+    path.write_bytes(bytes(raw))
+    assert read_checkpoint(path) is None
+    again = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="A", disable=True)
+    assert again.resumed_from is None and len(again.history) == 4
