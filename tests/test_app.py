@@ -49,7 +49,7 @@ class FakeEditor:
         video = write_mp4(frames, Path(out_dir) / "edited.mp4", source.fps)
         side = write_mp4(side_by_side(source.frames, reference.skeletons, frames), Path(out_dir) / "side.mp4", source.fps)
         return types.SimpleNamespace(video=video, side_by_side=side, settings=None, reused_tuning=self.calls > 1,
-                                     frames=frames)
+                                     frames=frames, skeletons=reference.skeletons)
 
 
 def _free_port() -> int:
@@ -229,7 +229,7 @@ def _edit_args(media: Path, target: str, **over):
                 reference=handle_file(str(media / "taichi_hd/taichi_copart05.mp4")), preset=None, **TINY,
                 retarget=True, subject="A man in a white tai chi suit", source_motion="practicing tai chi",
                 target_motion=target, p_c="", p_s="", p_t="", seed=0, stage1_steps=2, stage2_steps=2,
-                ddim_steps=3, inject_fraction=1.0, inject_layers="all")
+                ddim_steps=3, inject_layers="all", inject_start=0, inject_end=None)
     args.update(over)
     return args
 
