@@ -136,6 +136,18 @@ def load_motion(mode: str, reference: str | None, preset: str | None, source, co
     return preprocess(reference, config, with_masks=False, callback=callback)
 
 
+def preview_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *,
+                   retarget: bool) -> np.ndarray:
+    """The skeletons the preview shows for the motion: exactly those that will drive the edit.
+
+    The same clip and the same :func:`eym.editor.motion_skeletons` as the edit, so a preset is
+    fitted to the source once and a reference video is retargeted only if asked.
+    """
+    from eym.editor import motion_skeletons
+
+    return motion_skeletons(source, load_motion(mode, reference, preset, source, config, limits), retarget=retarget)
+
+
 def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
     """P_c, P_s, P_t from the subject and the two motions; non-empty explicit prompts win."""
     from eym.editor import derive_prompts
@@ -373,11 +385,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             src = load_source(source, config, limits)
             ref_strip, ref_note = None, ""
             if (mode == MOTION_PRESET and preset) or (mode == MOTION_REFERENCE and reference):
-                from eym.editor import motion_skeletons
-
-                ref = load_motion(mode, reference, preset, src, config, limits)
-                # exactly the skeletons that will drive the edit (the editor computes them alike)
-                ref_strip = strip(motion_skeletons(src, ref, retarget=bool(retarget)))
+                ref_strip = strip(preview_motion(mode, reference, preset, src, config, limits, retarget=bool(retarget)))
                 ref_note = f"; reference skeletons: {'preset ' + preset if mode == MOTION_PRESET else 'retargeted to the source' if retarget else 'as detected'}"
         except EymError as err:
             raise gr.Error(str(err), print_exception=False) from None

@@ -613,15 +613,34 @@ class Editor:
         return preprocess(Path(reference), config.preprocess, with_masks=False, callback=callback)
 
 
-def motion_skeletons(source, reference, *, retarget: bool = True) -> np.ndarray:
-    """The skeleton images S_rf that drive the editing branch, (F, H, W, 3) uint8; the app's preview shows these.
+def motion_keypoints(source, reference, *, retarget: bool = True) -> np.ndarray | None:
+    """The keypoints of the motion that drives the editing branch, (F, 18, 3), or None if the reference has none.
 
     Retargeting fits the reference motion to the source person's bone lengths and hip position
     (not in the paper, expected by users); it needs keypoints of both clips and happens here
     only, once per edit. A motion already fitted to this source (a preset,
     ``reference.fitted_to``) is used as it is.
     """
-    from eym.pose import draw_skeletons, retarget as retarget_keypoints
+    from eym.pose import retarget as retarget_keypoints
+
+    fitted_to = getattr(reference, "fitted_to", "")
+    if fitted_to and fitted_to != source.content_hash:
+        raise EymError("the preset motion was fitted to another source video; choose the preset again for this one")
+    source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
+    if ref_kps is None:
+        return None
+    if retarget and not fitted_to and source_kps is not None:
+        return retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps))
+    return np.asarray(ref_kps, np.float32)
+
+
+def motion_skeletons(source, reference, *, retarget: bool = True) -> np.ndarray:
+    """The skeleton images S_rf that drive the editing branch, (F, H, W, 3) uint8; the app's preview shows these.
+
+    Retargeted (:func:`motion_keypoints`) and drawn when asked and both clips have keypoints;
+    else the reference's own skeleton images.
+    """
+    from eym.pose import draw_skeletons
 
     frames = np.asarray(source.frames)
     F, H, W, _ = frames.shape
@@ -631,13 +650,11 @@ def motion_skeletons(source, reference, *, retarget: bool = True) -> np.ndarray:
             f"the reference has {len(ref_skeletons)} frames and the source {F}; "
             "preprocess both with the same --frames"
         )
-    fitted_to = getattr(reference, "fitted_to", "")
-    if fitted_to and fitted_to != source.content_hash:
-        raise EymError("the preset motion was fitted to another source video; choose the preset again for this one")
-    source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
-    if retarget and not fitted_to and source_kps is not None and ref_kps is not None:
-        return draw_skeletons(retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps)), H, W)
-    if retarget and not fitted_to:
+    fitted = bool(getattr(reference, "fitted_to", ""))
+    keypoints = motion_keypoints(source, reference, retarget=retarget)
+    if retarget and not fitted:
+        if keypoints is not None and getattr(source, "keypoints", None) is not None:
+            return draw_skeletons(keypoints, H, W)
         logger.warning("retargeting needs keypoints of both clips; using the reference skeletons as they are")
     if ref_skeletons.shape[1:3] != (H, W):
         raise EymError(f"the reference is {ref_skeletons.shape[2]}x{ref_skeletons.shape[1]} and the source {W}x{H}; preprocess both at the same --size")
