@@ -7,19 +7,22 @@ pixel value 10 + f and of the reference with 100 + f, and P_c, P_s, P_t have dif
 embeddings. Every deliberately broken variant below was tried (then reverted) and fails the
 named tests:
 
-1. inversion evaluates the noise at the wrong timestep (eps at the less noisy level s):
-   test_inversion_matches_diffusers_ddim_inverse_scheduler
+1. inversion evaluates the noise at the wrong timestep (``eps_fn(x, s, None)``, the less noisy level):
+   test_inversion_matches_diffusers_ddim_inverse_scheduler, test_inference_routes_prompts_skeletons_and_the_decoded_branch
 2. stage-1 skeletons not shuffled with the latents (``control = data.control_images``):
    test_stage1_shuffles_latents_and_skeletons_alike_with_the_mask_and_p_c
-3. stage 1 with P_s instead of P_c: test_stage1_shuffles_latents_and_skeletons_alike_with_the_mask_and_p_c,
-   test_editor_prepares_masked_latents_p_c_and_p_s_for_tuning (if swapped in Editor._tuning_data)
-4. stage 1 without the mask (``latents = data.latents``):
-   test_stage1_shuffles_latents_and_skeletons_alike_with_the_mask_and_p_c,
-   test_editor_prepares_masked_latents_p_c_and_p_s_for_tuning (if dropped in Editor._tuning_data)
-5. the branches' skeletons swapped: test_inference_routes_prompts_skeletons_and_the_decoded_branch
-6. P_s given to the editing branch: test_inference_routes_prompts_skeletons_and_the_decoded_branch
+3. stage 1 with P_s instead of P_c (in tuning: test_stage1_shuffles_latents_and_skeletons_alike_with_the_mask_and_p_c;
+   in Editor._tuning_data: test_editor_prepares_masked_latents_p_c_and_p_s_for_tuning)
+4. stage 1 without the mask (``latents = data.latents`` in tuning: test_stage1_shuffles_...; ``masked_latents=latents``
+   in Editor._tuning_data: test_editor_prepares_masked_latents_p_c_and_p_s_for_tuning)
+5. the branches' skeletons swapped: test_inference_routes_prompts_skeletons_and_the_decoded_branch,
+   test_preview_shows_the_skeletons_that_drive_the_edit
+6. P_s given to the editing branch (``embeds[[0, 0]]``): test_inference_routes_prompts_skeletons_and_the_decoded_branch
 7. stage 2 shuffled (``if config.shuffle:``): test_stage2_sees_ordered_frames_and_p_s
 8. the reconstruction branch decoded (``both[0:1]``): test_inference_routes_prompts_skeletons_and_the_decoded_branch
+Also: a preset retargeted a second time (``fitted_to`` not set): test_preview_shows_the_skeletons_that_drive_the_edit;
+injection processors left on the shared UNet: test_injection_settings_live_for_one_call_only; a bf16 latent
+state (no ``.float()`` in ddim_invert): tests/test_sampling.py::test_trajectory_stays_fp32_with_a_bf16_model.
 """
 
 from __future__ import annotations
@@ -350,3 +353,29 @@ def test_preview_shows_the_skeletons_that_drive_the_edit(tuned_editor, preset):
     assert np.array_equal(motion_skeletons(source, reference, retarget=True), shown)
     with pytest.raises(EymError, match="fitted to another source"):  # a preset fitted to this source drives no other
         motion_skeletons(skeleton_clip(10, keypoints=_person(F), content_hash="someone-else"), reference)
+
+
+def test_injection_settings_live_for_one_call_only(tuned_editor):
+    """An edit's injection layers and weighting are on the shared UNet during its call only,
+    also when the call fails half-way."""
+    from eym.spacetime import RCAttnProcessor
+
+    editor, source, tuned = tuned_editor
+    unet = editor.components.unet
+    reference = skeleton_clip(100, content_hash="routing-reference")
+    before = dict(unet.attn_processors)
+    seen = []
+
+    def callback(stage, step, total):
+        procs = [p for p in unet.attn_processors.values() if isinstance(p, RCAttnProcessor)]
+        seen.append(({p.weighting for p in procs}, sum(p.inject for p in procs)))
+        if stage == "sampling":
+            raise KeyboardInterrupt  # a cancel or a crash mid-job
+
+    config = InferConfig(ddim_steps=2, retarget=False, injection=InjectionSchedule(layers="up"), injection_weighting="balanced")
+    with pytest.raises(KeyboardInterrupt):
+        editor.infer(source, reference, PROMPTS, tuned, config, callback=callback)
+    up = sum(n.startswith("up_blocks") for n in before if n.endswith("attn1.processor"))
+    assert seen and all(s == ({"balanced"}, up) for s in seen), seen
+    after = dict(unet.attn_processors)
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
