@@ -97,6 +97,26 @@ def test_import_app_loads_nothing_heavy():
     assert out.stdout.strip() == "[]"
 
 
+def test_injection_presets_fill_the_fields_the_edit_reads():
+    from eym.injection import INJECTION_PRESETS, InjectionSchedule
+    from eym.preprocess import PreprocessConfig
+
+    assert app.DEFAULT_INJECTION in INJECTION_PRESETS
+    for name, schedule in INJECTION_PRESETS.items():
+        layers, start, end = app.injection_fields(name)
+        config = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                                 ddim_steps=50, inject_layers=layers, inject_start=start, inject_end=end, retarget=True)
+        assert config.infer.injection.steps(50) == schedule.steps(50)
+        assert config.infer.injection.layers == schedule.layers
+    assert app.injection_fields("MotionEditor-like: decoder, after step 4") == ("up", 4, None)
+    custom = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                             ddim_steps=10, inject_layers="7-15", inject_start=2, inject_end=6, retarget=True)
+    assert custom.infer.injection == InjectionSchedule(layers="7-15", start_step=2, end_step=6)
+    with pytest.raises(EymError, match="injection layers"):
+        app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                        ddim_steps=10, inject_layers="sideways", inject_start=0, inject_end=None, retarget=True)
+
+
 def test_build_demo_with_fake_builds_without_launching(tmp_path):
     made = []
 
@@ -297,6 +317,9 @@ def test_api_errors_are_messages_and_the_app_keeps_serving(server, client, tmp_p
         client.predict(*_edit_args(server.media, "waving", source=handle_file(str(fake))).values(), api_name="/edit")
     with pytest.raises(AppError, match="target motion is empty"):
         client.predict(*_edit_args(server.media, "").values(), api_name="/edit")
+    # a prompt the text encoder would cut: refused in the page's words, before any tuning
+    with pytest.raises(AppError, match=r"target prompt P_t is \d+ tokens long .* shorten it"):
+        client.predict(*_edit_args(server.media, "waving, " * 60).values(), api_name="/edit")
     # the gallery endpoint stages a frame-folder pair as mp4s the page can play
     values = client.predict("case-6", api_name="/gallery")
     assert Path(values[0]).is_file() and values[1] == app.MOTION_REFERENCE

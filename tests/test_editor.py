@@ -136,6 +136,31 @@ def test_injection_defaults_and_presets_in_settings():
         InferConfig(injection="sometimes")
 
 
+def test_cli_injection_flags(tmp_path):
+    from eym.cli import _edit_config, build_parser
+
+    def infer(*flags):
+        args = build_parser().parse_args(["edit", "src", "--preset", "wave", "--source-prompt", SOURCE_PROMPT,
+                                          "--target-prompt", TARGET_PROMPT, "--out", "o.mp4", *flags])
+        return _edit_config(args).infer
+
+    assert infer().injection == InjectionSchedule() and infer().injection_weighting == "paper"
+    assert infer("--injection", "motioneditor-like-decoder-after-step-4", "--inject-end", "40").injection == \
+        InjectionSchedule(layers="up", start_step=4, end_step=40)
+    assert infer("--inject-layers", "7-15", "--inject-start", "0.1").injection == InjectionSchedule(layers="7-15", start=0.1)
+    assert infer("--injection", "none").injection.steps(50) == []
+    assert infer("--injection-weighting", "balanced").injection_weighting == "balanced"
+    # a settings file's schedule, changed by a flag
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"infer": {"injection": {"layers": "mid,up", "start_step": 2}}}))
+    assert infer("--settings", str(settings), "--inject-end", "0.5").injection == \
+        InjectionSchedule(layers="mid,up", start_step=2, end=0.5)
+    with pytest.raises(EymError, match="--inject-start 'soon'"):
+        infer("--inject-start", "soon")
+    with pytest.raises(EymError, match="unknown"):
+        infer("--injection", "sometimes")
+
+
 # ---------------------------------------------------------------------------------------------
 # the tuned-weights cache
 # ---------------------------------------------------------------------------------------------
