@@ -524,10 +524,6 @@ class Editor:
         _free_memory(c.device)
         return frames
 
-    def reference_skeletons(self, source, reference, *, retarget: bool = True) -> np.ndarray:
-        """The editing branch's skeleton images S_rf: :func:`motion_skeletons`."""
-        return motion_skeletons(source, reference, retarget=retarget)
-
     # -- the whole edit ----------------------------------------------------------------------
     def edit(
         self,
