@@ -22,7 +22,8 @@ named tests:
 8. the reconstruction branch decoded (``both[0:1]``): test_inference_routes_prompts_skeletons_and_the_decoded_branch
 Also: a preset retargeted a second time (``fitted_to`` not set): test_preview_shows_the_skeletons_that_drive_the_edit;
 injection processors left on the shared UNet: test_injection_settings_live_for_one_call_only; a bf16 latent
-state (no ``.float()`` in ddim_invert): tests/test_sampling.py::test_trajectory_stays_fp32_with_a_bf16_model.
+state (no ``.float()`` in ddim_invert): tests/test_sampling.py::test_trajectory_stays_fp32_with_a_bf16_model,
+test_bf16_models_keep_an_fp32_trajectory_and_cache.
 """
 
 from __future__ import annotations
@@ -306,12 +307,40 @@ def test_inference_routes_prompts_skeletons_and_the_decoded_branch(tuned_editor,
     assert torch.equal(decoded[0], branches[0][1:2])
 
 
-def test_inversion_and_its_cache_stay_fp32(tuned_editor):
-    editor, source, tuned = tuned_editor
-    reference = skeleton_clip(100, content_hash="routing-reference")
-    editor._inversions.clear()
-    editor.infer(source, reference, PROMPTS, tuned, InferConfig(ddim_steps=2, retarget=False))
-    assert editor._inversions and all(z.dtype == torch.float32 for z in editor._inversions.values())
+def test_bf16_models_keep_an_fp32_trajectory_and_cache(tiny_bundle, tmp_path, monkeypatch):
+    """The Editor on a bf16 tiny model (CPU): the inverted latents, every latent of the inversion,
+    eps, the branches and the cached z_T are fp32; only the model calls run in bf16."""
+    import eym.sampling as sampling
+    from eym.models import load_components
+
+    c = load_components(str(tiny_bundle), dtype=torch.bfloat16, device="cpu")
+    assert c.unet.dtype == torch.bfloat16
+    editor = Editor(c, cache_dir=tmp_path, disable_progress=True)
+    source = skeleton_clip(10, content_hash="bf16-source")
+    tuned = editor.tune(source, PROMPTS, TuneConfig(steps1=1, steps2=1, checkpoint_every=0, mixed_precision="bf16"))
+    seen = {}
+    real_invert, real_two_branch = sampling.ddim_invert, sampling.sample_two_branch
+
+    def invert(eps_fn, latents, timesteps, **kwargs):
+        trajectory = real_invert(eps_fn, latents, timesteps, **kwargs)
+        seen["invert"] = (latents.dtype, {z.dtype for z in trajectory}, eps_fn(latents, timesteps[0], None).dtype)
+        return trajectory
+
+    def two_branch(eps_fn, z_T, timesteps, **kwargs):
+        out = real_two_branch(eps_fn, z_T, timesteps, **kwargs)
+        seen["branches"] = (z_T.dtype, out.dtype)
+        return out
+
+    monkeypatch.setattr(sampling, "ddim_invert", invert)
+    monkeypatch.setattr(sampling, "sample_two_branch", two_branch)
+    frames = editor.infer(source, skeleton_clip(100, content_hash="r"), PROMPTS, tuned, InferConfig(ddim_steps=2, retarget=False))
+    assert frames.dtype == np.uint8
+    assert seen["invert"] == (torch.float32, {torch.float32}, torch.float32)
+    assert seen["branches"] == (torch.float32, torch.float32)
+    assert [z.dtype for z in editor._inversions.values()] == [torch.float32]
+    # a re-edit starts from the cached z_T, still fp32
+    editor.infer(source, skeleton_clip(120, content_hash="r2"), PROMPTS, tuned, InferConfig(ddim_steps=2, retarget=False))
+    assert seen["branches"] == (torch.float32, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
