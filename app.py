@@ -509,7 +509,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 p_s = gr.Textbox(label="P_s override", elem_id="p-s")
                 p_t = gr.Textbox(label="P_t override", elem_id="p-t")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(value=0, precision=0, label="Tuning seed", elem_id="seed")
                 stage1_steps = gr.Number(value=defaults["stage1_steps"], precision=0, minimum=0,
                                          label="Stage 1 steps", elem_id="stage1-steps")
                 stage2_steps = gr.Number(value=defaults["stage2_steps"], precision=0, minimum=0,
