@@ -35,6 +35,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eym.errors import EymError, without_paths  # noqa: E402
+from eym.injection import DEFAULT_PRESET as DEFAULT_INJECTION, INJECTION_PRESETS  # noqa: E402
 from eym.runner import JobCancelled, JobRunner, RunnerLimits, Ticket, client_key  # noqa: E402
 
 logger = logging.getLogger("eym.app")
@@ -109,38 +110,43 @@ def load_source(path: str | Path, config, limits, *, callback=None):
     return preprocess(path, config, with_masks=True, callback=callback)
 
 
-def load_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *,
-                retarget: bool, callback=None):
-    """The reference clip: a preprocessed video (optionally retargeted) or a preset motion.
+def load_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *, callback=None):
+    """The reference clip: a preprocessed video (as detected) or a preset motion (fitted to the source once).
 
     Args:
         mode: :data:`MOTION_REFERENCE` or :data:`MOTION_PRESET`.
         reference: path of the reference video (reference mode).
         preset: preset name (preset mode).
-        source: the source ``Clip``; presets and retargeting take the source person's body.
+        source: the source ``Clip``; presets take the source person's body.
         config: the ``PreprocessConfig`` the source used (same frame count and size).
         limits: ``ProbeLimits`` for the upload.
-        retarget: rescale the reference skeletons to the source person's bones and hip position.
     Returns:
-        A ``Clip`` whose ``skeletons`` condition the editing branch.
+        A ``Clip``; :func:`eym.editor.motion_skeletons` turns it into the skeletons that drive the edit.
     """
-    from eym.pose import retarget as retarget_pose
-    from eym.preprocess import clip_from_keypoints, preprocess
+    from eym.preprocess import preprocess
 
     if mode == MOTION_PRESET:
-        from eym.presets import preset_motion
+        from eym.presets import preset_clip
 
         if not preset:
             raise EymError("choose a preset motion, or switch to 'Reference video'")
-        keypoints = preset_motion(preset, len(source.keypoints), source.keypoints)
-        return clip_from_keypoints(keypoints, config.size, source.fps)
+        return preset_clip(preset, source, config=config)
     if not reference:
         raise EymError("upload a reference video (the motion to copy), or switch to 'Preset motion'")
     check_upload(reference, config, limits)
-    clip = preprocess(reference, config, with_masks=False, callback=callback)
-    if retarget:
-        clip = clip_from_keypoints(retarget_pose(clip.keypoints, source.keypoints), config.size, clip.fps)
-    return clip
+    return preprocess(reference, config, with_masks=False, callback=callback)
+
+
+def preview_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *,
+                   retarget: bool) -> np.ndarray:
+    """The skeletons the preview shows for the motion: exactly those that will drive the edit.
+
+    The same clip and the same :func:`eym.editor.motion_skeletons` as the edit, so a preset is
+    fitted to the source once and a reference video is retargeted only if asked.
+    """
+    from eym.editor import motion_skeletons
+
+    return motion_skeletons(source, load_motion(mode, reference, preset, source, config, limits), retarget=retarget)
 
 
 def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
@@ -164,19 +170,25 @@ def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: s
 
 
 def edit_config(preprocess_config, *, seed: int, stage1_steps: int, stage2_steps: int, ddim_steps: int,
-                inject_fraction: float, inject_layers: str, retarget: bool):
-    """The library's ``EditConfig`` from the page's settings (one seed drives tuning and sampling)."""
+                inject_layers: str, inject_start, inject_end, retarget: bool):
+    """The library's ``EditConfig`` from the page's settings (the seed is tuning's; inference is deterministic).
+
+    ``inject_start``/``inject_end`` are denoising step indices (0 = the noisiest); an empty end
+    means to the last step.
+    """
     from eym.config import from_dict
     from eym.editor import EditConfig
-    from eym.validate import as_number, as_whole
+    from eym.validate import as_whole
 
     seed = as_whole(seed, "seed")
+    end = None if inject_end in (None, "") else as_whole(inject_end, "injection until step")
+    injection = {"layers": str(inject_layers or "").strip() or "all",
+                 "start_step": as_whole(inject_start or 0, "injection from step"), "end_step": end}
     return from_dict(EditConfig, {
         "preprocess": preprocess_config,
         "tune": {"steps1": as_whole(stage1_steps, "stage 1 steps"), "steps2": as_whole(stage2_steps, "stage 2 steps"),
                  "seed": seed},
-        "infer": {"ddim_steps": as_whole(ddim_steps, "DDIM steps"), "inject_steps": as_number(inject_fraction, "injection fraction"),
-                  "inject_layers": str(inject_layers), "retarget": bool(retarget), "seed": seed},
+        "infer": {"ddim_steps": as_whole(ddim_steps, "DDIM steps"), "injection": injection, "retarget": bool(retarget)},
     }, where="settings")
 
 
@@ -195,6 +207,16 @@ def enforce_disk_cap(outputs_dir: Path) -> None:
     if cap is not None:
         uploads = gradio_upload_dir()
         enforce_cap(cap, default_roots(extra=[outputs_dir] + ([uploads] if uploads.is_dir() else [])))
+
+
+def injection_fields(preset: str) -> tuple[str, int, int | None]:
+    """The advanced injection fields (layers, from step, until step) a preset fills in."""
+    from eym.injection import injection_preset
+
+    schedule = injection_preset(preset)
+    if schedule.start or schedule.end != 1.0:
+        raise EymError(f"the injection preset {preset!r} is given in fractions; the page takes step numbers")
+    return schedule.layers, int(schedule.start_step or 0), schedule.end_step
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float) -> Path:
@@ -424,8 +446,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             src = load_source(source, config, upload_limits)
             ref_strip, ref_note = None, ""
             if (mode == MOTION_PRESET and preset) or (mode == MOTION_REFERENCE and reference):
-                ref = load_motion(mode, reference, preset, src, config, upload_limits, retarget=bool(retarget))
-                ref_strip = strip(ref.skeletons)
+                ref_strip = strip(preview_motion(mode, reference, preset, src, config, upload_limits, retarget=bool(retarget)))
                 ref_note = f"; reference skeletons: {'preset ' + preset if mode == MOTION_PRESET else 'retargeted to the source' if retarget else 'as detected'}"
         except EymError as err:
             raise _page_error(err) from None
@@ -471,7 +492,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
 
     def on_edit(source, mode, reference, preset, num_frames, start, stride, size, retarget,
                 subject, source_motion, target_motion, p_c, p_s, p_t,
-                seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction, inject_layers,
+                seed, stage1_steps, stage2_steps, ddim_steps, inject_layers, inject_start, inject_end,
                 request: gr.Request, progress=gr.Progress()):
         from eym.runner import check_work
 
@@ -488,8 +509,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             prompts = compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
             config = _preprocess_config(num_frames, start, stride, size)
             settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                                   ddim_steps=ddim_steps, inject_fraction=inject_fraction,
-                                   inject_layers=inject_layers, retarget=retarget)
+                                   ddim_steps=ddim_steps, inject_layers=inject_layers, inject_start=inject_start,
+                                   inject_end=inject_end, retarget=retarget)
             check_work(settings, runner.limits.max_work)
             # 2. uploads checked, then preprocessed (no model needed: done while waiting)
             enforce_disk_cap(outputs_dir)
@@ -497,7 +518,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             src = load_source(source, config, upload_limits)
             relay("preprocess", 1, 2)
             # the editor retargets (EditConfig.infer.retarget), so it gets the skeletons as detected
-            ref = load_motion(mode, reference, preset, src, config, upload_limits, retarget=False)
+            ref = load_motion(mode, reference, preset, src, config, upload_limits)
             relay("preprocess", 2, 2)
             # 3. the models, for this job alone, until it ends or stops
             waiting = lambda ahead: progress(0.0, desc=f"Waiting for the GPU: {ahead} edit(s) ahead")  # noqa: E731
@@ -570,17 +591,22 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 p_s = gr.Textbox(label="P_s override", elem_id="p-s")
                 p_t = gr.Textbox(label="P_t override", elem_id="p-t")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(value=0, precision=0, label="Tuning seed", elem_id="seed")
                 stage1_steps = gr.Number(value=defaults["stage1_steps"], precision=0, minimum=0,
                                          label="Stage 1 steps", elem_id="stage1-steps")
                 stage2_steps = gr.Number(value=defaults["stage2_steps"], precision=0, minimum=0,
                                          label="Stage 2 steps", elem_id="stage2-steps")
                 ddim_steps = gr.Number(value=defaults["ddim_steps"], precision=0, minimum=1,
                                        label="DDIM steps", elem_id="ddim-steps")
-                inject_fraction = gr.Slider(0.0, 1.0, value=1.0, step=0.05, elem_id="inject-fraction",
-                                            label="Key/value injection: fraction of the denoising steps")
-                inject_layers = gr.Dropdown(["all", "down", "mid", "up", "mid,up", "none"], value="all",
-                                            label="Key/value injection: layers", elem_id="inject-layers")
+            with gr.Row():
+                injection = gr.Dropdown(list(INJECTION_PRESETS), value=DEFAULT_INJECTION, elem_id="injection",
+                                        label="Key/value injection (where the edit copies the source's appearance)")
+                inject_layers = gr.Textbox(value="all", label="Injection layers: all, none, down, mid, up, 7-15, up_blocks.3.*",
+                                           elem_id="inject-layers")
+                inject_start = gr.Number(value=0, precision=0, minimum=0, label="Injection from step (0 = the noisiest)",
+                                         elem_id="inject-start")
+                inject_end = gr.Number(value=None, precision=0, minimum=0, label="Injection until step (empty: the last)",
+                                       elem_id="inject-end")
 
         with gr.Row():
             run = gr.Button("Edit motion", variant="primary", elem_id="run", scale=3)
@@ -614,8 +640,10 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             gallery_load.click(on_gallery, gallery_pick,
                                [source, mode, reference, preset, subject, source_motion, target_motion,
                                 num_frames, start, stride], api_name="gallery", concurrency_id="preview")
-        edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction,
-                                                          inject_layers]
+        injection.change(injection_fields, injection, [inject_layers, inject_start, inject_end], queue=False,
+                         api_visibility="private")
+        edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_layers,
+                                                          inject_start, inject_end]
         edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
                                api_name="edit", concurrency_id="gpu", concurrency_limit=runner.limits.max_waiting,
                                show_progress_on=[out_edited, status])
@@ -675,9 +703,7 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
         with oom_guard(frames=len(source.frames), size=source.frames.shape[1]):
             result = editor.edit(source, reference, prompts, settings, out_dir=job.folder, callback=relay)
         source_mp4 = write_video(source.frames, job.path("source.mp4"), source.fps)
-        # the skeletons the editing branch was conditioned on (retargeted if asked)
-        skeletons = editor.reference_skeletons(source, reference, retarget=settings.infer.retarget) \
-            if hasattr(editor, "reference_skeletons") else reference.skeletons
+        skeletons = result.skeletons  # the skeletons the editing branch was conditioned on
         skeleton_mp4 = write_video(skeletons, job.path("target_skeletons.mp4"), source.fps)
     except BaseException:
         job.finish(ok=False)

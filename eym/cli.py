@@ -283,7 +283,7 @@ def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: boo
     g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
     g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
     g.add_argument("--size", type=int, help="side of the square frames, a multiple of 8 (default 512)")
-    g.add_argument("--seed", type=int, help="seed of tuning (frame order, timesteps, noise) and inference (default 0)")
+    g.add_argument("--seed", type=int, help="seed of tuning: frame order, timesteps, noise (default 0); inference is deterministic")
     g.add_argument("--steps1", type=int, help="DPL stage 1 steps (default 300)")
     g.add_argument("--steps2", type=int, help="DPL stage 2 steps (default 300)")
     g.add_argument("--lr", type=float, help="tuning learning rate (default 3e-5)")
@@ -291,8 +291,13 @@ def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: boo
     if inference:
         g.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling (default 50)")
         g.add_argument("--guidance", type=float, help="classifier-free guidance of the branches (default 1.0 = none)")
-        g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up (default all)")
-        g.add_argument("--inject-steps", type=float, help="fraction of the denoising steps that inject, from the first (default 1.0)")
+        g.add_argument("--injection", metavar="PRESET", help="injection schedule preset: " + _injection_presets()
+                       + " (default paper-all); the --inject-* flags below change it")
+        g.add_argument("--inject-layers", help="RC-Attn layers injecting the reconstruction's K/V: all | none | down,mid,up | "
+                       "indices 0-15 (e.g. 7-15) | attn1 name patterns (up_blocks.3.*)")
+        g.add_argument("--inject-start", metavar="STEP", help="first injecting denoising step: an index (4) or a fraction (0.1)")
+        g.add_argument("--inject-end", metavar="STEP", help="injection stops before this step: an index (40) or a fraction (0.8)")
+        g.add_argument("--injection-weighting", choices=("paper", "balanced"), help="Eq. 18 literally (paper, default) or balanced")
         g.add_argument("--no-retarget", action="store_true", help="use the reference skeletons as they are (no fitting to the source person)")
 
 
@@ -308,13 +313,48 @@ def _edit_config(args: argparse.Namespace):
     prep = given((("num_frames", args.frames), ("size", args.size)))
     tune = given((("steps1", args.steps1), ("steps2", args.steps2), ("lr", args.lr), ("seed", args.seed),
                   ("mixed_precision", args.mixed_precision)))
-    infer = given((("seed", args.seed), ("ddim_steps", getattr(args, "ddim_steps", None)),
-                   ("guidance_scale", getattr(args, "guidance", None)), ("inject_layers", getattr(args, "inject_layers", None)),
-                   ("inject_steps", getattr(args, "inject_steps", None))))
+    infer = given((("ddim_steps", getattr(args, "ddim_steps", None)), ("guidance_scale", getattr(args, "guidance", None)),
+                   ("injection_weighting", getattr(args, "injection_weighting", None))))
     if getattr(args, "no_retarget", False):
         infer["retarget"] = False
+    injection = _injection_schedule(args, config.infer.injection)
+    if injection is not None:
+        infer["injection"] = injection
     return replace(config, preprocess=replace(config.preprocess, **prep), tune=replace(config.tune, **tune),
                    infer=replace(config.infer, **infer))
+
+
+def _injection_presets() -> str:
+    from eym.injection import INJECTION_PRESETS, preset_slug
+
+    return " | ".join(preset_slug(name) for name in INJECTION_PRESETS)
+
+
+def _injection_schedule(args: argparse.Namespace, base):
+    """The InjectionSchedule of --injection and the --inject-* flags over ``base``; None when none is given."""
+    from eym.config import replace
+    from eym.injection import injection_preset
+
+    preset, layers = getattr(args, "injection", None), getattr(args, "inject_layers", None)
+    start, end = getattr(args, "inject_start", None), getattr(args, "inject_end", None)
+    if preset is None and layers is None and start is None and end is None:
+        return None
+    schedule = injection_preset(preset) if preset is not None else base
+    changes = {} if layers is None else {"layers": layers}
+    for flag, value, fraction, index in (("--inject-start", start, "start", "start_step"), ("--inject-end", end, "end", "end_step")):
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise EymError(f"{flag} {value!r} is not a step index (4) or a fraction (0.1)") from None
+        if "." in value:
+            changes.update({fraction: number, index: None})
+        elif number.is_integer():
+            changes[index] = int(number)
+        else:
+            raise EymError(f"{flag} {value!r} is not a step index (4) or a fraction (0.1)")
+    return replace(schedule, **changes)
 
 
 def _editor_prompts(args: argparse.Namespace):

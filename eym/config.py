@@ -140,11 +140,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         # Floats last, so that 1 stays an int in `int | float`.
+        specific = None  # a mapping meant for a nested config: its own error says what is wrong
         for member in sorted(args, key=lambda a: a is float):
             try:
                 return _coerce(value, member, where)
-            except EymError:
+            except EymError as err:
+                if dataclasses.is_dataclass(member) and isinstance(value, Mapping) and specific is None:
+                    specific = err
                 continue
+        if specific is not None:
+            raise specific
         raise EymError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
     if origin is typing.Literal:
         if value in args:

@@ -39,6 +39,7 @@ from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, sta
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ddim_steps, check_ranges
+from eym.injection import InjectionSchedule, injection_preset
 from eym.preprocess import PreprocessConfig
 from eym.tuning import TuneConfig, TuningData, tune_dpl
 
@@ -86,29 +87,22 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def derive_content_prompt(source: str, target: str | None = None) -> str:
-    """P_c from P_s (and P_t): the subject, i.e. the words before the motion phrase.
+def derive_content_prompt(source: str) -> str:
+    """P_c from P_s alone: the subject, i.e. the words before the motion phrase.
 
-    Rule: the motion phrase starts at an "is/are <word>ing" of P_s; the last such one that P_s
-    and P_t still share word for word is taken (so "A girl who is wearing a dress is dancing" /
-    "... is jumping" gives "A girl who is wearing a dress."). Without an "-ing" word the last
-    shared "is/are" is used; failing that, P_s itself (minus its final period) is P_c.
+    Rule: the motion phrase starts at the last "is/are <word>ing" of P_s ("A girl who is
+    wearing a dress is dancing" gives "A girl who is wearing a dress."); without an "-ing" word
+    at the last "is/are"; failing that, P_s itself (minus its final period) is P_c. P_t plays no
+    part: tuning, and so its cache key, depends on the source side only (METHOD.md "Training").
 
     Args:
         source: P_s, e.g. "A boy in black is dancing on the beach."
-        target: P_t, optional; narrows the cut to the words both prompts share.
 
     Returns:
         P_c as a sentence, e.g. "A boy in black."
     """
     words = _words(source)
-    shared = len(words)
-    if target:
-        other = _words(target)
-        shared = 0
-        while shared < min(len(words), len(other)) and _bare(words[shared]) == _bare(other[shared]):
-            shared += 1
-    be = [i for i, w in enumerate(words) if i > 0 and _bare(w) in _BE and i <= shared]
+    be = [i for i, w in enumerate(words) if i > 0 and _bare(w) in _BE]
     verbs = [i for i in be if i + 1 < len(words) and _bare(words[i + 1]).endswith("ing")]
     cut = (verbs or be or [None])[-1]
     return _sentence(" ".join(words[:cut]) if cut is not None else source)
@@ -131,7 +125,7 @@ def derive_prompts(
       <source motion>.", P_t = "<subject> is <target motion>." ("is" is not doubled if the
       motion already starts with "is"/"are").
     - ``source`` + ``target`` (+ ``content``): whole prompts; a missing P_c is derived from P_s
-      and P_t by :func:`derive_content_prompt`.
+      alone by :func:`derive_content_prompt`.
 
     Args:
         subject: the subject alone, e.g. "A girl in a white dress".
@@ -153,7 +147,7 @@ def derive_prompts(
         raise EymError("no source prompt: give --source-prompt (e.g. 'A girl in a white dress is dancing.') or a subject")
     source = " ".join(source.split())
     target = " ".join((target or "").split())
-    content = " ".join(content.split()) if content and content.strip() else derive_content_prompt(source, target)
+    content = " ".join(content.split()) if content and content.strip() else derive_content_prompt(source)
     return Prompts(content=content, source=source, target=target)
 
 
@@ -168,17 +162,15 @@ def _with_be(subject: str, motion: str) -> str:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InferConfig:
-    """Settings of inversion + two-branch sampling (the paper's defaults)."""
+    """Settings of inversion + two-branch sampling (the paper's defaults; docs/METHOD.md says why each)."""
 
     ddim_steps: int = 50  # DDIM steps of inversion and of sampling
     guidance_scale: float = 1.0  # classifier-free guidance of the branches; 1.0 = none (the paper)
-    inject_layers: str = "all"  # RC-Attn layers where the editing branch sees the reconstruction's K/V: "all", "none", or e.g. "mid,up"
-    inject_steps: float | tuple[float, float] = 1.0  # denoising steps with injection: first fraction, or (start, end) fractions
-    injection_weighting: str = "balanced"  # "balanced": the two current-frame key blocks share one slot (edit = reconstruction when inputs match); "paper": Eq. 18 literally
+    injection: InjectionSchedule | str = InjectionSchedule()  # where the editing branch sees the reconstruction's K/V; a schedule or a preset name (eym.injection)
+    injection_weighting: str = "paper"  # "paper": Eq. 18 literally; "balanced": the two current-frame key blocks share one slot (edit = reconstruction when inputs match)
     retarget: bool = True  # fit the reference skeletons to the source person's size and position
     controlnet_scale: float = 1.0  # strength of the ControlNet residuals
     decode_chunk: int = 8  # frames per VAE encode/decode call (memory)
-    seed: int = 0  # seeds the VAE sampling of the source latents
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -186,20 +178,12 @@ class InferConfig:
             raise EymError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
         if self.guidance_scale < 1.0:
             raise EymError(f"guidance_scale must be >= 1.0 (1.0 = no guidance), got {self.guidance_scale}")
-        window = self.inject_steps if isinstance(self.inject_steps, tuple) else (0.0, self.inject_steps)
-        if not 0.0 <= window[0] <= window[1] <= 1.0:
-            raise EymError(f"inject_steps must be a fraction in [0, 1] or a (start, end) pair within it, got {self.inject_steps}")
-        if self.injection_weighting not in ("balanced", "paper"):
-            raise EymError(f"injection_weighting {self.injection_weighting!r} is not 'balanced' or 'paper'")
+        if isinstance(self.injection, str):  # a preset name; kept as its schedule so the settings record say what ran
+            object.__setattr__(self, "injection", injection_preset(self.injection))
+        if self.injection_weighting not in ("paper", "balanced"):
+            raise EymError(f"injection_weighting {self.injection_weighting!r} is not 'paper' or 'balanced'")
         if self.decode_chunk < 1:
             raise EymError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
-        parts = {p.strip() for p in self.inject_layers.split(",")}
-        if not (parts <= {"all", "none", "down", "mid", "up"}) or (len(parts) > 1 and parts & {"all", "none"}):
-            raise EymError(f"inject_layers {self.inject_layers!r}: use 'all', 'none' or a comma list of down, mid, up")
-
-    def inject_window(self) -> tuple[float, float]:
-        """(start, end) fractions of the denoising steps that inject."""
-        return self.inject_steps if isinstance(self.inject_steps, tuple) else (0.0, self.inject_steps)
 
 
 @dataclass(frozen=True)
@@ -237,6 +221,7 @@ class EditResult:
     settings: Path  # the run's settings and prompts (JSON)
     reused_tuning: bool  # the tuned weights came from the cache
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited frames
+    skeletons: np.ndarray  # (F, H, W, 3) uint8, the skeletons S_rf that drove the editing branch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +331,7 @@ class Editor:
         _check_source(source, self.components.vae_scale_factor)
         _check_prompt(prompts.content, "content prompt (P_c)")
         _check_prompt(prompts.source, "source prompt (P_s)")
+        check_prompt_lengths(self.components.tokenizer, Prompts(prompts.content, prompts.source, ""))
         key = self.tuned_key(source, prompts, config)
         found = self.find_tuned(source, prompts, config)
         if found is not None:
@@ -485,82 +471,62 @@ class Editor:
             (F, H, W, 3) uint8 edited frames.
         """
         from eym.sampling import ddim_invert, ddim_timesteps, decode_video, encode_video, make_eps_fn, sample_two_branch
-        from eym.spacetime import inflate
+        from eym.spacetime import attention_processors, injection_processors
 
         c = self.components
         _check_source(source, c.vae_scale_factor)
         _check_prompt(prompts.source, "source prompt (P_s)")
         _check_prompt(prompts.target, "target prompt (P_t)")
-        reference_skeletons = self.reference_skeletons(source, reference, retarget=config.retarget)
+        check_prompt_lengths(c.tokenizer, prompts)
+        reference_skeletons = motion_skeletons(source, reference, retarget=config.retarget)
         if tuned.manifest.get("source", {}).get("content_hash") != source.content_hash:
             raise EymError(f"tuned weights {tuned.path} were tuned on another source video; tune this one first")
         self.load_tuned(tuned)
-        inflate(c.unet, inject_layers=config.inject_layers, injection_weighting=config.injection_weighting)
+        # this edit's injection layers and weighting, on the shared UNet for this call only
+        processors = injection_processors(c.unet, config.injection, config.injection_weighting)
 
         F = len(source.frames)
         timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
         embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.source, prompts.target, ""])  # (3, 77, D)
 
-        # 1. DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s
-        inversion_key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
-        if inversion_key in self._inversions:
-            self._inversions.move_to_end(inversion_key)
-            vae_param = next(c.vae.parameters())
-            z_T = self._inversions[inversion_key].to(vae_param.device, vae_param.dtype)
-            logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
-        else:
-            latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk)  # (1, 4, F, h, w)
-            invert_fn = make_eps_fn(
-                c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
-                num_frames=F, controlnet_scale=config.controlnet_scale,
-            )
-            z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
-            self._inversions[inversion_key] = z_T.detach().to("cpu", copy=True)
-            while len(self._inversions) > INVERSION_CACHE_SIZE:
-                self._inversions.popitem(last=False)
+        with attention_processors(c.unet, processors):
+            # 1. DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s.
+            #    Latents, z_T and the cached inversion stay fp32; only the model calls run in the
+            #    model's dtype (a bf16 latent state drifts, METHOD.md)
+            inversion_key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
+            if inversion_key in self._inversions:
+                self._inversions.move_to_end(inversion_key)
+                z_T = self._inversions[inversion_key].to(c.device, torch.float32)
+                logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
+            else:
+                latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk).float()  # (1, 4, F, h, w)
+                invert_fn = make_eps_fn(
+                    c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
+                    num_frames=F, controlnet_scale=config.controlnet_scale,
+                )
+                z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
+                self._inversions[inversion_key] = z_T.detach().to("cpu", torch.float32, copy=True)
+                while len(self._inversions) > INVERSION_CACHE_SIZE:
+                    self._inversions.popitem(last=False)
 
-        # 2. both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)],
-        #    the editing branch attending to the reconstruction's keys/values (Eq. 17-18)
-        branch_fn = make_eps_fn(
-            c.unet, c.controlnet, prompt_embeds=embeds[:2],
-            control_images=np.stack([np.asarray(source.skeletons), reference_skeletons]),
-            num_frames=F, guidance_scale=config.guidance_scale, negative_embeds=embeds[2:],
-            controlnet_scale=config.controlnet_scale,
-        )
-        both = sample_two_branch(
-            branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=inject_step_indices(config, len(timesteps)),
-            callback=callback, disable=self.disable_progress,
-        )  # (2, 4, F, h, w)
+            # 2. both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)],
+            #    the editing branch attending to the reconstruction's keys/values (Eq. 17-18)
+            #    at the schedule's steps and layers
+            branch_fn = make_eps_fn(
+                c.unet, c.controlnet, prompt_embeds=embeds[:2],
+                control_images=np.stack([np.asarray(source.skeletons), reference_skeletons]),
+                num_frames=F, guidance_scale=config.guidance_scale, negative_embeds=embeds[2:],
+                controlnet_scale=config.controlnet_scale,
+            )
+            both = sample_two_branch(
+                branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=config.injection.steps(len(timesteps)),
+                callback=callback, disable=self.disable_progress,
+            )  # (2, 4, F, h, w)
 
         # 3. decode the editing branch in chunks of frames
         frames = decode_video(c.vae, both[1:2], chunk=config.decode_chunk, callback=callback)
         _free_memory(c.device)
         return frames
-
-    def reference_skeletons(self, source, reference, *, retarget: bool = True) -> np.ndarray:
-        """The editing branch's skeleton images S_rf, (F, H, W, 3) uint8, retargeted if asked.
-
-        Retargeting fits the reference motion to the source person's bone lengths and hip
-        position (not in the paper, expected by users); it needs keypoints of both clips.
-        """
-        from eym.pose import draw_skeletons, retarget as retarget_keypoints
-
-        frames = np.asarray(source.frames)
-        F, H, W, _ = frames.shape
-        ref_skeletons = np.asarray(reference.skeletons)
-        if len(ref_skeletons) != F:
-            raise EymError(
-                f"the reference has {len(ref_skeletons)} frames and the source {F}; "
-                "preprocess both with the same --frames"
-            )
-        source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
-        if retarget and source_kps is not None and ref_kps is not None:
-            return draw_skeletons(retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps)), H, W)
-        if retarget:
-            logger.warning("retargeting needs keypoints of both clips; using the reference skeletons as they are")
-        if ref_skeletons.shape[1:3] != (H, W):
-            raise EymError(f"the reference is {ref_skeletons.shape[2]}x{ref_skeletons.shape[1]} and the source {W}x{H}; preprocess both at the same --size")
-        return ref_skeletons.astype(np.uint8)
 
     # -- the whole edit ----------------------------------------------------------------------
     def edit(
@@ -595,13 +561,14 @@ class Editor:
         config = config or EditConfig()
         _check_prompt(prompts.target, "target prompt (P_t)")
         check_ddim_steps(config.infer.ddim_steps, self.components.scheduler)  # before tuning, not after it
+        check_prompt_lengths(self.components.tokenizer, prompts)  # before tuning, not after it
         started = time.perf_counter()
         source_clip = self.load_source(source, config, callback=callback)
         reference_clip = self.load_reference(reference, source_clip, config, callback=callback)
         if tuned is None:
             tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
         frames = self.infer(source_clip, reference_clip, prompts, tuned, config.infer, callback=callback)
-        ref_skeletons = self.reference_skeletons(source_clip, reference_clip, retarget=config.infer.retarget)
+        ref_skeletons = motion_skeletons(source_clip, reference_clip, retarget=config.infer.retarget)
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -622,7 +589,8 @@ class Editor:
             "outputs": {"video": video.name, "side_by_side": panel.name},
         }
         settings_path = atomic_write_json(out_dir / f"{name}.settings.json", settings)
-        return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames)
+        return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames,
+                          skeletons=ref_skeletons)
 
     def load_source(self, source, config: EditConfig, *, callback: ProgressCallback | None = None):
         """A Clip as given, or a video file / frame folder preprocessed with person masks."""
@@ -636,22 +604,62 @@ class Editor:
         """A Clip as given, a preset motion by name (fitted to the source person), or a video preprocessed without masks."""
         if not isinstance(reference, (str, Path)):
             return reference
-        from eym.presets import PRESETS, preset_motion
-        from eym.preprocess import clip_from_keypoints, preprocess
+        from eym.presets import PRESETS, preset_clip
+        from eym.preprocess import preprocess
 
         if isinstance(reference, str) and reference in PRESETS and not Path(reference).exists():
-            F, size = len(source.frames), np.asarray(source.frames).shape[1]
-            keypoints = preset_motion(reference, F, getattr(source, "keypoints", None))
-            return clip_from_keypoints(keypoints, size, float(source.fps))
+            return preset_clip(reference, source)
         if not Path(reference).exists():
             raise EymError(f"reference {str(reference)!r} is neither a file/folder nor a preset ({', '.join(PRESETS)})")
         return preprocess(Path(reference), config.preprocess, with_masks=False, callback=callback)
 
 
-def inject_step_indices(config: InferConfig, total: int) -> list[int]:
-    """The denoising step indices (0 = the noisiest) of ``config.inject_steps``' window."""
-    start, end = config.inject_window()
-    return [i for i in range(total) if start * total <= i < end * total]
+def motion_keypoints(source, reference, *, retarget: bool = True) -> np.ndarray | None:
+    """The keypoints of the motion that drives the editing branch, (F, 18, 3), or None if the reference has none.
+
+    Retargeting fits the reference motion to the source person's bone lengths and hip position
+    (not in the paper, expected by users); it needs keypoints of both clips and happens here
+    only, once per edit. A motion already fitted to this source (a preset,
+    ``reference.fitted_to``) is used as it is.
+    """
+    from eym.pose import retarget as retarget_keypoints
+
+    fitted_to = getattr(reference, "fitted_to", "")
+    if fitted_to and fitted_to != source.content_hash:
+        raise EymError("the preset motion was fitted to another source video; choose the preset again for this one")
+    source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
+    if ref_kps is None:
+        return None
+    if retarget and not fitted_to and source_kps is not None:
+        return retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps))
+    return np.asarray(ref_kps, np.float32)
+
+
+def motion_skeletons(source, reference, *, retarget: bool = True) -> np.ndarray:
+    """The skeleton images S_rf that drive the editing branch, (F, H, W, 3) uint8; the app's preview shows these.
+
+    Retargeted (:func:`motion_keypoints`) and drawn when asked and both clips have keypoints;
+    else the reference's own skeleton images.
+    """
+    from eym.pose import draw_skeletons
+
+    frames = np.asarray(source.frames)
+    F, H, W, _ = frames.shape
+    ref_skeletons = np.asarray(reference.skeletons)
+    if len(ref_skeletons) != F:
+        raise EymError(
+            f"the reference has {len(ref_skeletons)} frames and the source {F}; "
+            "preprocess both with the same --frames"
+        )
+    fitted = bool(getattr(reference, "fitted_to", ""))
+    keypoints = motion_keypoints(source, reference, retarget=retarget)
+    if retarget and not fitted:
+        if keypoints is not None and getattr(source, "keypoints", None) is not None:
+            return draw_skeletons(keypoints, H, W)
+        logger.warning("retargeting needs keypoints of both clips; using the reference skeletons as they are")
+    if ref_skeletons.shape[1:3] != (H, W):
+        raise EymError(f"the reference is {ref_skeletons.shape[2]}x{ref_skeletons.shape[1]} and the source {W}x{H}; preprocess both at the same --size")
+    return ref_skeletons.astype(np.uint8)
 
 
 def _describe_input(value) -> str:
@@ -663,20 +671,46 @@ def _describe_input(value) -> str:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def prompt_tokens(tokenizer, text: str) -> int:
+    """Tokens of ``text`` as the text encoder sees them, start and end tokens included."""
+    return len(tokenizer(text, truncation=False).input_ids)
+
+
+def check_prompt_lengths(tokenizer, prompts: Prompts) -> None:
+    """Refuse prompts longer than the text encoder reads (77 tokens for CLIP, start and end included).
+
+    The encoder would cut such a prompt silently, and the cut is the end: the motion phrase of
+    P_s and P_t. Empty prompts are not checked here.
+
+    Raises:
+        EymError: naming the prompt, its length and the limit.
+    """
+    limit = tokenizer.model_max_length
+    for what, text in (("subject prompt P_c", prompts.content), ("source prompt P_s", prompts.source),
+                       ("target prompt P_t", prompts.target)):
+        if text and (length := prompt_tokens(tokenizer, text)) > limit:
+            raise EymError(
+                f"the {what} is {length} tokens long and the text encoder reads at most {limit}, "
+                f"so its end (the motion) would be cut off; shorten it by about {length - limit} words"
+            )
+
+
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings, prompts longer than the tokenizer's limit truncated with a warning.
+    """CLIP text embeddings of prompts within the tokenizer's limit (:func:`check_prompt_lengths`).
 
     Args:
         prompts: N strings.
 
     Returns:
         (N, 77, D) embeddings on the text encoder's device and dtype.
+
+    Raises:
+        EymError: a prompt over the limit.
     """
     limit = tokenizer.model_max_length
     for prompt in prompts:
-        length = len(tokenizer(prompt, truncation=False).input_ids)
-        if length > limit:
-            logger.warning("prompt has %d tokens, more than %d; the end is cut off: %r", length, limit, prompt)
+        if (length := prompt_tokens(tokenizer, prompt)) > limit:
+            raise EymError(f"a prompt is {length} tokens long, more than the text encoder's {limit}; shorten it: {prompt!r}")
     ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     device = next(text_encoder.parameters()).device
     with torch.no_grad():

@@ -737,11 +737,10 @@ def evaluate_files(
 
     ref_kp, ref_desc = None, None
     if reference is not None:
-        ref_kp, ref_desc = _reference_keypoints(reference, prep, src.keypoints, callback)
-        if retarget:
-            from eym.pose import retarget as retarget_fn
+        from eym.editor import motion_keypoints
 
-            ref_kp = retarget_fn(ref_kp, src.keypoints)
+        ref_clip, ref_desc = _reference_clip(reference, prep, src, callback)
+        ref_kp = motion_keypoints(src, ref_clip, retarget=retarget)  # as the edit did: presets fitted once
     settings = {
         "inputs": {"edited": str(edited), "source": str(source), "reference": ref_desc},
         "sampling": {"num_frames": num_frames, "size": size, "start": start, "stride": stride,
@@ -754,19 +753,17 @@ def evaluate_files(
                     callback=callback)
 
 
-def _reference_keypoints(reference: str | Path, prep: Any, source_keypoints: np.ndarray,
-                         callback: ProgressCallback | None) -> tuple[np.ndarray, str]:
-    """(F, 18, 3) reference skeletons from a video/folder, or from a preset motion by name."""
+def _reference_clip(reference: str | Path, prep: Any, source: Any, callback: ProgressCallback | None) -> tuple[Any, str]:
+    """The reference clip from a video/folder, or a preset motion by name (fitted to the source)."""
     from eym.preprocess import preprocess
 
     path = Path(reference)
     if not path.exists():
-        from eym.presets import PRESETS, preset_motion
+        from eym.presets import PRESETS, preset_clip
 
         if str(reference) in PRESETS:
-            return preset_motion(str(reference), len(source_keypoints), source=source_keypoints), f"preset:{reference}"
+            return preset_clip(str(reference), source, config=prep), f"preset:{reference}"
         raise EymError(
             f"reference {reference} is neither a file/folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
         )
-    clip = preprocess(path, prep, with_masks=False, callback=callback)
-    return clip.keypoints, str(path)
+    return preprocess(path, prep, with_masks=False, callback=callback), str(path)

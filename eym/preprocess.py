@@ -118,6 +118,7 @@ class Clip:
     config: PreprocessConfig
     source: str = ""  # the input video or folder ("" for presets)
     indices: list[int] = field(default_factory=list)  # source frames taken
+    fitted_to: str = ""  # content hash of the source person this motion is already fitted to (presets); "" = not fitted
 
     @property
     def num_frames(self) -> int:
@@ -395,7 +396,7 @@ def _export(clip: Clip, out_dir: Path | None) -> Clip:
 
 
 def clip_from_keypoints(
-    keypoints: np.ndarray, size: int, fps: float, *, config: PreprocessConfig | None = None
+    keypoints: np.ndarray, size: int, fps: float, *, config: PreprocessConfig | None = None, fitted_to: str = ""
 ) -> Clip:
     """A clip made of skeletons only (preset motions): frames are the skeleton images, no masks.
 
@@ -403,6 +404,8 @@ def clip_from_keypoints(
         keypoints: ``(F, 18, 3)``.
         size: image side ``S`` (a multiple of 8).
         fps: playback fps.
+        fitted_to: the content hash of the source the keypoints were fitted to, if they were
+            (then an edit of that source uses them as they are, without retargeting again).
     """
     keypoints = np.asarray(keypoints, np.float32)
     if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 3):
@@ -420,4 +423,5 @@ def clip_from_keypoints(
         missing=[],
         path=None,
         config=config,
+        fitted_to=fitted_to,
     )

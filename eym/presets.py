@@ -163,3 +163,24 @@ def preset_motion(name: str, num_frames: int, source: np.ndarray | None = None) 
         rest = _build(_Pose())[None].astype(np.float32)
         motion = retarget(motion, source, reference_bones=bone_lengths(rest))
     return motion
+
+
+def preset_clip(name: str, source, *, config=None):
+    """A preset motion as a reference :class:`~eym.preprocess.Clip` for ``source``, fitted to its person once.
+
+    The clip is marked ``fitted_to=source.content_hash``, so the edit uses its skeletons as they
+    are (retargeting them a second time would move the joints). Without source keypoints the
+    preset keeps its default body.
+
+    Args:
+        name: one of :data:`PRESETS`.
+        source: the source clip (frames, keypoints, fps, content_hash).
+        config: the ``PreprocessConfig`` to record on the clip (default: the source's frame count and size).
+    """
+    from eym.preprocess import clip_from_keypoints
+
+    frames = np.asarray(source.frames)
+    source_keypoints = getattr(source, "keypoints", None)
+    keypoints = preset_motion(name, len(frames), source_keypoints)
+    fitted = source.content_hash if source_keypoints is not None else ""
+    return clip_from_keypoints(keypoints, frames.shape[1], float(source.fps), config=config, fitted_to=fitted)

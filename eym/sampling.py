@@ -118,10 +118,10 @@ def ddim_invert(
         disable: hide the tqdm bar.
 
     Returns:
-        The trajectory ``[z_0, ..., z_T]`` (``len(timesteps) + 1`` tensors, least noisy first).
+        The trajectory ``[z_0, ..., z_T]`` in fp32 (``len(timesteps) + 1`` tensors, least noisy first).
     """
     levels = _levels(timesteps)[::-1]  # -1, t_N, ..., t_1 (ascending)
-    x = latents
+    x = latents.float()  # the trajectory stays fp32 whatever the model's dtype (METHOD.md)
     trajectory = [x]
     total = len(levels) - 1
     for i in tqdm(range(total), desc="inversion", disable=disable):
@@ -133,14 +133,10 @@ def ddim_invert(
     return trajectory
 
 
-def _inject_at(inject_steps: int | Sequence[int] | None, total: int) -> set[int]:
-    """Step indices that inject: ``None`` all, ``k`` the first k steps, or explicit indices."""
+def _inject_at(inject_steps: Sequence[int] | None, total: int) -> set[int]:
+    """Step indices that inject: ``None`` all, else the given indices (checked)."""
     if inject_steps is None:
         return set(range(total))
-    if isinstance(inject_steps, (int, np.integer)):
-        if inject_steps < 0:
-            raise ValueError(f"inject_steps {inject_steps} is negative")
-        return set(range(min(int(inject_steps), total)))
     steps = {int(i) for i in inject_steps}
     bad = sorted(i for i in steps if not 0 <= i < total)
     if bad:
@@ -156,7 +152,7 @@ def ddim_sample(
     *,
     scheduler,
     inject_from: Sequence[int] | None = None,
-    inject_steps: int | Sequence[int] | None = None,
+    inject_steps: Sequence[int] | None = None,
     callback: ProgressCallback | None = None,
     disable: bool = False,
 ) -> torch.Tensor:
@@ -169,18 +165,18 @@ def ddim_sample(
         scheduler: noise schedule source, read only.
         inject_from: per-video injection sources (see :func:`eym.spacetime.space_time_kwargs`),
             passed to ``eps_fn`` on injecting steps; ``None`` never injects.
-        inject_steps: which steps inject: ``None`` all, ``k`` the first k (the high-noise steps
-            that lay out structure and appearance), or a collection of step indices.
+        inject_steps: the step indices that inject (0 = the noisiest), e.g.
+            :meth:`eym.injection.InjectionSchedule.steps`; ``None`` all.
         callback: ``callback("sampling", step, total)`` after each step.
         disable: hide the tqdm bar.
 
     Returns:
-        Latents at the final level, ``(B, C, F, h, w)``.
+        Latents at the final level, ``(B, C, F, h, w)``, fp32.
     """
     levels = _levels(timesteps)
     total = len(levels) - 1
     injecting = _inject_at(inject_steps, total) if inject_from is not None else set()
-    x = z_T
+    x = z_T.float()  # the trajectory stays fp32 whatever the model's dtype (METHOD.md)
     for i in tqdm(range(total), desc="sampling", disable=disable):
         t, s = levels[i], levels[i + 1]
         eps = eps_fn(x, t, list(inject_from) if i in injecting else None)
@@ -195,7 +191,7 @@ def sample_two_branch(
     timesteps: Sequence[int],
     *,
     scheduler,
-    inject_steps: int | Sequence[int] | None = None,
+    inject_steps: Sequence[int] | None = None,
     callback: ProgressCallback | None = None,
     disable: bool = False,
 ) -> torch.Tensor:
@@ -274,7 +270,8 @@ def make_eps_fn(
         controlnet_scale: multiplies the ControlNet residuals.
 
     Returns:
-        The callable; it returns eps in the latents' dtype, ``(B, C, F, h, w)``.
+        The callable; the latents are cast to the UNet's dtype only for the model call, and eps
+        comes back in fp32, ``(B, C, F, h, w)``.
     """
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
@@ -314,7 +311,7 @@ def make_eps_fn(
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
-        return eps.to(latents.dtype)
+        return eps.float()  # the DDIM update runs in fp32 (a bf16 latent state drifts)
 
     logger.debug("eps_fn: %d videos x %d frames per UNet call, guidance %.2f", videos, num_frames, guidance_scale)
     return eps_fn

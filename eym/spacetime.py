@@ -40,15 +40,17 @@ __all__ = [
     "batch_to_frames",
     "frames_to_batch",
     "inflate",
+    "injection_processors",
     "is_inflated",
     "load_temporal_state_dict",
+    "rc_attn_layers",
     "rc_attn_parameters",
     "space_time_kwargs",
     "temporal_parameters",
     "temporal_state_dict",
 ]
 
-InjectionWeighting = Literal["balanced", "paper"]
+InjectionWeighting = Literal["paper", "balanced"]
 TEMPORAL_ATTR = "temporal_attn"  # attribute name on each BasicTransformerBlock -> state-dict keys
 
 
@@ -152,26 +154,25 @@ class RCAttnProcessor:
 
         K_e = [W_K z^e_{i-1}, W_K z^e_i, K_r],  V_e = [W_V z^e_{i-1}, W_V z^e_i, V_r]
 
-    Design decision (the lead's): METHOD.md states that with P_t = P_s and equal skeletons the
-    editing branch equals the reconstruction branch, but softmax over [prev, cur, cur] is not
-    softmax over [prev, cur] (the current frame gets twice the weight). ``weighting="balanced"``
-    (default) therefore lets the two current-frame blocks share the current-frame slot: each
-    gets a logit bias of -log 2. It is computed without a mask by duplicating the predecessor
-    block, K = [k_prev, k_prev, k_e, k_r] (same softmax, keeps flash attention available).
-    Then the editing branch equals the reconstruction branch exactly when their inputs match,
-    and the reconstruction branch is plain RC-Attn, so it re-traces the DDIM inversion.
-    ``weighting="paper"`` is Eq. 18 literally, K = [k_prev, k_e, k_r].
+    ``weighting="paper"`` (default) is Eq. 18 literally, K = [k_prev, k_e, k_r]. With P_t = P_s
+    and equal skeletons the editing branch then differs from the reconstruction branch: softmax
+    over [prev, cur, cur] gives the current frame twice its weight in [prev, cur] (METHOD.md).
+    ``weighting="balanced"``, an option of this project, lets the two current-frame blocks share
+    one slot, a logit bias of -log 2 each, computed without a mask by duplicating the
+    predecessor block, K = [k_prev, k_prev, k_e, k_r] (same softmax, keeps flash attention
+    available); then the editing branch equals the reconstruction branch when their inputs
+    match. Which gives better edits is measured, not assumed (docs/METHOD.md).
 
     No new parameters: the projections are attn1's (to_q, to_k, to_v, to_out).
 
     Args:
         inject: whether this layer takes part in injection (``inject_from`` is ignored if not).
-        weighting: ``"balanced"`` or ``"paper"``, see above.
+        weighting: ``"paper"`` or ``"balanced"``, see above.
     """
 
-    def __init__(self, inject: bool = True, weighting: InjectionWeighting = "balanced") -> None:
-        if weighting not in ("balanced", "paper"):
-            raise ValueError(f"injection weighting {weighting!r} is not 'balanced' or 'paper'")
+    def __init__(self, inject: bool = True, weighting: InjectionWeighting = "paper") -> None:
+        if weighting not in ("paper", "balanced"):
+            raise ValueError(f"injection weighting {weighting!r} is not 'paper' or 'balanced'")
         self.inject = inject
         self.weighting = weighting
         # Index tensors per (inject_from, device), made once: building a CUDA tensor from a Python
@@ -351,47 +352,19 @@ def _transformer_blocks(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _injects(attn1_name: str, inject_layers: str | Sequence[str]) -> bool:
-    """Whether an attn1 (e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn1``) injects.
-
-    ``inject_layers``: ``"all"``, ``"none"``, a comma list of ``down``/``mid``/``up``, or a list of
-    attn1 module names (with or without the trailing ``.processor``).
-    """
-    if isinstance(inject_layers, str):
-        parts = {p.strip() for p in inject_layers.split(",") if p.strip()}
-        if parts == {"all"}:
-            return True
-        if parts == {"none"}:
-            return False
-        unknown = parts - {"down", "mid", "up"}
-        if unknown:
-            raise ValueError(f"inject_layers {inject_layers!r}: unknown parts {sorted(unknown)}; use all, none, down, mid, up or attn1 names")
-        place = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(attn1_name.split(".")[0])
-        return place in parts
-    names = {n.removesuffix(".processor") for n in inject_layers}
-    return attn1_name in names
-
-
-def inflate(
-    unet: nn.Module,
-    *,
-    inject_layers: str | Sequence[str] = "all",
-    injection_weighting: InjectionWeighting = "balanced",
-) -> nn.Module:
+def inflate(unet: nn.Module) -> nn.Module:
     """Make a diffusers ``UNet2DConditionModel`` space-time, in place (idempotent).
 
     Adds :class:`TemporalAttention` as ``block.temporal_attn`` to every transformer block
     (zero-initialised, so outputs are unchanged until it is trained), hooks it in after
     cross-attention, and installs :class:`RCAttnProcessor` on every attn1 and
     :class:`FrameAwareAttnProcessor` on every attn2. Calling it again only re-installs the
-    processors (with the new injection settings); trained temporal weights are kept.
+    processors; trained temporal weights are kept. The installed RC-Attn processors inject in
+    every layer with Eq. 18's weighting whenever a call passes ``inject_from``; an edit's own
+    layers and weighting are installed for that call only (:func:`injection_processors`).
 
     Args:
         unet: the UNet (any dtype/device; new modules follow the block's).
-        inject_layers: which RC-Attn layers take part in two-branch injection: ``"all"``,
-            ``"none"``, ``"down"``, ``"mid"``, ``"up"``, comma combinations (``"mid,up"``) or a
-            list of attn1 names. Which denoising steps inject is the sampler's choice.
-        injection_weighting: ``"balanced"`` (default) or ``"paper"``; see :class:`RCAttnProcessor`.
 
     Returns:
         The same ``unet`` object.
@@ -412,11 +385,37 @@ def inflate(
     for name in procs:
         module_name = name.removesuffix(".processor")
         if module_name.endswith("attn1") and TEMPORAL_ATTR not in module_name:
-            procs[name] = RCAttnProcessor(inject=_injects(module_name, inject_layers), weighting=injection_weighting)
+            procs[name] = RCAttnProcessor()
         elif module_name.endswith("attn2"):
             procs[name] = FrameAwareAttnProcessor()
     unet.set_attn_processor(procs)
     return unet
+
+
+def rc_attn_layers(unet: nn.Module) -> list[str]:
+    """The processor names of the RC-Attn layers (attn1), in data-flow order: down, mid, up blocks.
+
+    (``unet.attn_processors`` lists the mid block last; injection layer indices count in this order.)
+    """
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    names = [n for n in unet.attn_processors if n.removesuffix(".processor").endswith("attn1") and TEMPORAL_ATTR not in n]
+    return sorted(names, key=lambda n: rank.get(n.split(".")[0], 3))  # stable: keeps the order within a block
+
+
+def injection_processors(unet: nn.Module, schedule, weighting: InjectionWeighting = "paper") -> dict[str, "RCAttnProcessor"]:
+    """RC-Attn processors for one edit: ``{attn1 name: RCAttnProcessor}``, injecting where ``schedule`` says.
+
+    Install them for the call only: ``with attention_processors(unet, injection_processors(...)):``.
+
+    Args:
+        unet: an inflated UNet.
+        schedule: an :class:`eym.injection.InjectionSchedule` (its layer set is used here; the
+            sampler takes its steps).
+        weighting: ``"paper"`` (Eq. 18 literally) or ``"balanced"``, see :class:`RCAttnProcessor`.
+    """
+    names = rc_attn_layers(unet)
+    mask = schedule.layer_mask(names)
+    return {name: RCAttnProcessor(inject=mask[name.removesuffix(".processor")], weighting=weighting) for name in names}
 
 
 def is_inflated(unet: nn.Module) -> bool:

@@ -238,23 +238,20 @@ def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig | None, mode
 
 
 def _reference_clip(entry: Any, source: Any, prep: Any, callback: ProgressCallback | None) -> Any:
-    """The entry's reference: a preprocessed video (skeletons only) or a preset motion clip."""
-    from eym.preprocess import clip_from_keypoints, preprocess
-    from eym.presets import preset_motion
+    """The entry's reference: a preprocessed video (skeletons only) or a preset motion clip (fitted once)."""
+    from eym.preprocess import preprocess
+    from eym.presets import preset_clip
 
     if entry.preset is not None:
-        motion = preset_motion(entry.preset, source.num_frames, source=source.keypoints)
-        return clip_from_keypoints(motion, prep.size, source.fps, config=prep)
+        return preset_clip(entry.preset, source, config=prep)
     return preprocess(entry.reference, prep, with_masks=False, callback=callback)
 
 
 def _driving_keypoints(source: Any, reference: Any, edit_config: Any) -> np.ndarray:
     """(F, 18, 3) the skeletons the editing branch was conditioned on (retargeted if the edit did)."""
-    if edit_config.infer.retarget:
-        from eym.pose import retarget
+    from eym.editor import motion_keypoints
 
-        return retarget(reference.keypoints, source.keypoints)
-    return reference.keypoints
+    return motion_keypoints(source, reference, retarget=edit_config.infer.retarget)
 
 
 def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig | None, get_editor: Callable[[], Any], folder: Path,

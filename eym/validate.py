@@ -124,7 +124,6 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
         "guidance_scale": (1.0, 50.0, False),
         "controlnet_scale": (0.0, 10.0, False),
         "decode_chunk": (1, 256, True),
-        "seed": (0, SEED_LIMIT - 1, True),
     },
 }
 

@@ -48,7 +48,7 @@ class FakeEditor:
         video = write_mp4(frames, Path(out_dir) / "edited.mp4", source.fps)
         side = write_mp4(side_by_side(source.frames, reference.skeletons, frames), Path(out_dir) / "side.mp4", source.fps)
         return types.SimpleNamespace(video=video, side_by_side=side, settings=None, reused_tuning=self.calls > 1,
-                                     frames=frames)
+                                     frames=frames, skeletons=reference.skeletons)
 
 
 def _free_port() -> int:
@@ -94,6 +94,26 @@ def test_import_app_loads_nothing_heavy():
                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_injection_presets_fill_the_fields_the_edit_reads():
+    from eym.injection import INJECTION_PRESETS, InjectionSchedule
+    from eym.preprocess import PreprocessConfig
+
+    assert app.DEFAULT_INJECTION in INJECTION_PRESETS
+    for name, schedule in INJECTION_PRESETS.items():
+        layers, start, end = app.injection_fields(name)
+        config = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                                 ddim_steps=50, inject_layers=layers, inject_start=start, inject_end=end, retarget=True)
+        assert config.infer.injection.steps(50) == schedule.steps(50)
+        assert config.infer.injection.layers == schedule.layers
+    assert app.injection_fields("MotionEditor-like: decoder, after step 4") == ("up", 4, None)
+    custom = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                             ddim_steps=10, inject_layers="7-15", inject_start=2, inject_end=6, retarget=True)
+    assert custom.infer.injection == InjectionSchedule(layers="7-15", start_step=2, end_step=6)
+    with pytest.raises(EymError, match="injection layers"):
+        app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                        ddim_steps=10, inject_layers="sideways", inject_start=0, inject_end=None, retarget=True)
 
 
 def test_build_demo_with_fake_builds_without_launching(tmp_path):
@@ -228,7 +248,7 @@ def _edit_args(media: Path, target: str, **over):
                 reference=handle_file(str(media / "taichi_hd/taichi_copart05.mp4")), preset=None, **TINY,
                 retarget=True, subject="A man in a white tai chi suit", source_motion="practicing tai chi",
                 target_motion=target, p_c="", p_s="", p_t="", seed=0, stage1_steps=2, stage2_steps=2,
-                ddim_steps=3, inject_fraction=1.0, inject_layers="all")
+                ddim_steps=3, inject_layers="all", inject_start=0, inject_end=None)
     args.update(over)
     return args
 
@@ -296,6 +316,9 @@ def test_api_errors_are_messages_and_the_app_keeps_serving(server, client, tmp_p
         client.predict(*_edit_args(server.media, "waving", source=handle_file(str(fake))).values(), api_name="/edit")
     with pytest.raises(AppError, match="target motion is empty"):
         client.predict(*_edit_args(server.media, "").values(), api_name="/edit")
+    # a prompt the text encoder would cut: refused in the page's words, before any tuning
+    with pytest.raises(AppError, match=r"target prompt P_t is \d+ tokens long .* shorten it"):
+        client.predict(*_edit_args(server.media, "waving, " * 60).values(), api_name="/edit")
     # the gallery endpoint stages a frame-folder pair as mp4s the page can play
     values = client.predict("case-6", api_name="/gallery")
     assert Path(values[0]).is_file() and values[1] == app.MOTION_REFERENCE

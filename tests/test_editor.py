@@ -4,7 +4,6 @@ base-weight restoring between sources, reproducibility, bad input, and `eym edit
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,8 @@ from conftest import motioneditor_clip as case_clip
 import torch
 
 from eym.config import from_dict, to_dict
-from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts, inject_step_indices
+from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts
+from eym.injection import INJECTION_PRESETS, InjectionSchedule
 from eym.errors import EymError
 from eym.tuning import TuneConfig
 
@@ -61,18 +61,42 @@ class Steps:
 # prompts and settings (no model)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "source, target, content",
+    "source, content",
     [
-        (SOURCE_PROMPT, TARGET_PROMPT, "A girl in a white crop top and a blue pleated skirt."),
-        ("A boy in black is dancing.", "A boy in black is playing basketball.", "A boy in black."),
-        # the cut is at the motion phrase both prompts still share, not at the first "is"
-        ("A girl who is wearing a dress is dancing", "A girl who is wearing a dress is jumping", "A girl who is wearing a dress."),
-        ("two kids are running", "", "Two kids."),  # no target: the last "is/are <verb>ing"
-        ("A man jumps.", "A man runs.", "A man jumps."),  # no motion phrase: P_s itself
+        (SOURCE_PROMPT, "A girl in a white crop top and a blue pleated skirt."),
+        ("A boy in black is dancing.", "A boy in black."),
+        # the cut is at the last "is/are <verb>ing", not at the first "is"
+        ("A girl who is wearing a dress is dancing", "A girl who is wearing a dress."),
+        ("two kids are running", "Two kids."),
+        ("A man jumps.", "A man jumps."),  # no motion phrase: P_s itself
     ],
 )
-def test_content_prompt_is_derived_from_the_motion_phrase(source, target, content):
-    assert derive_content_prompt(source, target) == content
+def test_content_prompt_is_derived_from_the_motion_phrase(source, content):
+    assert derive_content_prompt(source) == content
+
+
+@pytest.mark.parametrize("target", [TARGET_PROMPT, "A girl is jumping.", "", "A girl in a white crop top is waving."])
+def test_content_prompt_and_tuning_key_never_depend_on_the_target(editor, target):
+    """P_c is derived from P_s alone, so the tuning cache key is the same for every P_t."""
+    prompts = derive_prompts(source=SOURCE_PROMPT, target=target)
+    assert prompts.content == PROMPTS.content
+    source = SimpleNamespace(frames=np.zeros((2, 8, 8, 3), np.uint8), masks=None, content_hash="h")
+    assert editor.tuned_key(source, prompts, FAST) == editor.tuned_key(source, PROMPTS, FAST)
+    assert editor.tuned_key(source, derive_prompts(source="A boy is running.", target=target), FAST) != editor.tuned_key(source, PROMPTS, FAST)
+
+
+def test_prompts_over_the_text_encoder_limit_are_refused(editor, tmp_path):
+    from eym.editor import check_prompt_lengths
+
+    tokenizer = editor.components.tokenizer
+    check_prompt_lengths(tokenizer, PROMPTS)  # within the limit: nothing happens
+    long = dc_replace(PROMPTS, target=TARGET_PROMPT + " and smiling" * 30)
+    with pytest.raises(EymError, match=r"target prompt P_t is \d+ tokens long and the text encoder reads at most 77"):
+        check_prompt_lengths(tokenizer, long)
+    # the edit refuses before any work (no preprocessing, no tuning): the clip here is not even valid
+    with pytest.raises(EymError, match="target prompt P_t is"):
+        editor.edit(SimpleNamespace(), "wave", long, out_dir=tmp_path)
+    assert not (editor.cache_dir).exists() or not list(editor.cache_dir.iterdir())
 
 
 def test_derive_prompts_from_subject_and_motions():
@@ -86,21 +110,55 @@ def test_derive_prompts_from_subject_and_motions():
 
 def test_edit_config_round_trips_and_rejects_typos():
     config = from_dict(EditConfig, {"preprocess": {"num_frames": 4, "size": 64}, "tune": {"steps1": 5},
-                                    "infer": {"inject_steps": [0.2, 0.6], "guidance_scale": 2}})
+                                    "infer": {"injection": {"layers": "up", "start_step": 4}, "guidance_scale": 2}})
+    assert config.infer.injection == InjectionSchedule(layers="up", start_step=4)
     assert from_dict(EditConfig, json.loads(json.dumps(to_dict(config)))) == config
     with pytest.raises(EymError, match=r"EditConfig.infer: unknown setting\(s\) 'guidance'"):
         from_dict(EditConfig, {"infer": {"guidance": 2.0}})
-    with pytest.raises(EymError, match="inject_steps"):
-        InferConfig(inject_steps=(0.7, 0.2))
-    with pytest.raises(EymError, match="inject_layers"):
-        InferConfig(inject_layers="sideways")
+    with pytest.raises(EymError, match=r"unknown setting\(s\) 'seed'"):  # inference is deterministic: no seed
+        from_dict(EditConfig, {"infer": {"seed": 1}})
+    with pytest.raises(EymError, match="injection start"):
+        InferConfig(injection=InjectionSchedule(start=0.7, end=0.2))
+    with pytest.raises(EymError, match="injection layers"):
+        from_dict(InferConfig, {"injection": {"layers": "sideways"}})
 
 
-def test_inject_step_window():
-    assert inject_step_indices(InferConfig(inject_steps=1.0), 10) == list(range(10))
-    assert inject_step_indices(InferConfig(inject_steps=0.5), 10) == [0, 1, 2, 3, 4]
-    assert inject_step_indices(InferConfig(inject_steps=(0.2, 0.6)), 10) == [2, 3, 4, 5]
-    assert inject_step_indices(InferConfig(inject_steps=0.0), 10) == []
+def test_injection_defaults_and_presets_in_settings():
+    default = InferConfig()
+    assert default.injection_weighting == "paper" and default.injection == InjectionSchedule()
+    # a settings file may name a preset; the resolved schedule is what the settings record holds
+    for name, schedule in INJECTION_PRESETS.items():
+        config = from_dict(InferConfig, {"injection": name})
+        assert config.injection == schedule
+        assert from_dict(InferConfig, json.loads(json.dumps(to_dict(config)))) == config
+    assert InferConfig(injection="motioneditor-like-decoder-after-step-4").injection.steps(10) == [4, 5, 6, 7, 8, 9]
+    with pytest.raises(EymError, match="preset 'sometimes' is unknown"):
+        InferConfig(injection="sometimes")
+
+
+def test_cli_injection_flags(tmp_path):
+    from eym.cli import _edit_config, build_parser
+
+    def infer(*flags):
+        args = build_parser().parse_args(["edit", "src", "--preset", "wave", "--source-prompt", SOURCE_PROMPT,
+                                          "--target-prompt", TARGET_PROMPT, "--out", "o.mp4", *flags])
+        return _edit_config(args).infer
+
+    assert infer().injection == InjectionSchedule() and infer().injection_weighting == "paper"
+    assert infer("--injection", "motioneditor-like-decoder-after-step-4", "--inject-end", "40").injection == \
+        InjectionSchedule(layers="up", start_step=4, end_step=40)
+    assert infer("--inject-layers", "7-15", "--inject-start", "0.1").injection == InjectionSchedule(layers="7-15", start=0.1)
+    assert infer("--injection", "none").injection.steps(50) == []
+    assert infer("--injection-weighting", "balanced").injection_weighting == "balanced"
+    # a settings file's schedule, changed by a flag
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"infer": {"injection": {"layers": "mid,up", "start_step": 2}}}))
+    assert infer("--settings", str(settings), "--inject-end", "0.5").injection == \
+        InjectionSchedule(layers="mid,up", start_step=2, end=0.5)
+    with pytest.raises(EymError, match="--inject-start 'soon'"):
+        infer("--inject-start", "soon")
+    with pytest.raises(EymError, match="unknown"):
+        infer("--injection", "sometimes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +232,7 @@ def test_tuning_a_second_source_starts_from_the_base_weights(components, media, 
 # inference
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.media
-def test_infer_is_reproducible_and_checks_its_inputs(editor, media, caplog):
+def test_infer_is_reproducible_and_checks_its_inputs(editor, media):
     source = case_clip(media)
     reference = case_clip(media, folder="target_images", condition="target_condition")
     tuned = editor.tune(source, PROMPTS, FAST)
@@ -197,10 +255,8 @@ def test_infer_is_reproducible_and_checks_its_inputs(editor, media, caplog):
         editor.infer(source, short, PROMPTS, tuned, FAST_INFER)
     with pytest.raises(EymError, match="another source"):
         editor.infer(reference, source, PROMPTS, tuned, FAST_INFER)
-    with caplog.at_level(logging.WARNING, logger="eym.editor"):
-        long = dc_replace(PROMPTS, target=TARGET_PROMPT + " and smiling" * 30)
-        editor.infer(source, reference, long, tuned, dc_replace(FAST_INFER, ddim_steps=1))
-    assert "the end is cut off" in caplog.text
+    with pytest.raises(EymError, match="target prompt P_t is .* tokens long"):
+        editor.infer(source, reference, dc_replace(PROMPTS, target=TARGET_PROMPT + " and smiling" * 30), tuned, FAST_INFER)
 
 
 def test_re_edit_reuses_the_inversion_and_matches_a_fresh_editor(editor, components, media, tmp_path):

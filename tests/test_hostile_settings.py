@@ -41,8 +41,8 @@ FLAGS = {
     "guidance inf": ["--guidance", "inf"],
     "guidance -inf": ["--guidance=-inf"],
     "guidance 1e308": ["--guidance", "1e308"],
-    "inject nan": ["--inject-steps", "nan"],
-    "inject 2": ["--inject-steps", "2"],
+    "inject nan": ["--inject-start", "nan"],
+    "inject end 2.5": ["--inject-end", "2.5"],
 }
 FILES = {
     "weight decay NaN": '{"tune": {"weight_decay": NaN}}',
@@ -60,7 +60,8 @@ FILES = {
     "grad norm inf": '{"tune": {"max_grad_norm": Infinity}}',
     "checkpoint every -1": '{"tune": {"checkpoint_every": -1}}',
     "decode chunk 10^9": '{"infer": {"decode_chunk": 1000000000}}',
-    "inject window NaN": '{"infer": {"inject_steps": [NaN, 1.0]}}',
+    "inject window NaN": '{"infer": {"injection": {"start": NaN, "end": 1.0}}}',
+    "inject from step -5": '{"infer": {"injection": {"start_step": -5}}}',
     "stride 0": '{"preprocess": {"stride": 0}}',
     "deep JSON": "[" * 100_000 + "]" * 100_000,
     "deep JSON object": '{"a":' * 50_000 + "1" + "}" * 50_000,
@@ -153,21 +154,22 @@ def test_ddim_steps_over_the_models_schedule_fail_before_tuning():
     ("num_frames", math.nan), ("num_frames", math.inf), ("num_frames", 2.5), ("num_frames", "many"),
     ("num_frames", 10**9), ("size", 8192), ("size", 65536), ("start", -1), ("stride", -3),
     ("seed", 2**63), ("seed", math.nan), ("stage1_steps", 10**9), ("stage1_steps", math.inf),
-    ("stage2_steps", -1), ("ddim_steps", 1001), ("ddim_steps", math.nan), ("inject_fraction", math.nan),
-    ("inject_fraction", 5.0), ("inject_fraction", "x"), ("inject_layers", "everything"),
+    ("stage2_steps", -1), ("ddim_steps", 1001), ("ddim_steps", math.nan), ("inject_start", math.nan),
+    ("inject_start", -1), ("inject_end", "x"), ("inject_end", 2.5), ("inject_layers", "everything"),
 ])
 def test_hostile_app_values_are_messages(field, value):
     """The page's values go through the same validator; a Gradio number can be NaN, inf or huge."""
     import app
 
     values = dict(num_frames=8, start=0, stride=0, size=64, seed=0, stage1_steps=2, stage2_steps=2, ddim_steps=3,
-                  inject_fraction=1.0, inject_layers="all")
+                  inject_start=0, inject_end="", inject_layers="all")
     values[field] = value
     with pytest.raises(EymError):
         config = app._preprocess_config(values["num_frames"], values["start"], values["stride"], values["size"])
         app.edit_config(config, seed=values["seed"], stage1_steps=values["stage1_steps"],
                         stage2_steps=values["stage2_steps"], ddim_steps=values["ddim_steps"],
-                        inject_fraction=values["inject_fraction"], inject_layers=values["inject_layers"], retarget=True)
+                        inject_layers=values["inject_layers"], inject_start=values["inject_start"],
+                        inject_end=values["inject_end"], retarget=True)
 
 
 def test_cli_strips_terminal_escapes_from_echoed_prompts(tmp_path, monkeypatch):

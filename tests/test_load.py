@@ -99,7 +99,7 @@ def _edit_args(media: Path, target: str, seed: int) -> dict:
         num_frames=4, start=0, stride=0, size=64, retarget=True,
         subject="A man in a white tai chi suit", source_motion="practicing tai chi", target_motion=target,
         p_c="", p_s="", p_t="", seed=seed, stage1_steps=1, stage2_steps=1, ddim_steps=2,
-        inject_fraction=1.0, inject_layers="all",
+        inject_layers="all", inject_start=0, inject_end=None,
     )  # fmt: skip
 
 

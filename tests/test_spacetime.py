@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from eym.errors import EymError
+from eym.injection import InjectionSchedule, injection_preset
 from eym.spacetime import (
     FrameAwareAttnProcessor,
     RCAttnProcessor,
@@ -17,8 +19,10 @@ from eym.spacetime import (
     batch_to_frames,
     frames_to_batch,
     inflate,
+    injection_processors,
     is_inflated,
     load_temporal_state_dict,
+    rc_attn_layers,
     rc_attn_parameters,
     space_time_kwargs,
     temporal_parameters,
@@ -31,7 +35,7 @@ from eym.spacetime import (
 # ---------------------------------------------------------------------------------------------
 # A naive reference: METHOD.md's equations, one frame and one head at a time
 # ---------------------------------------------------------------------------------------------
-def naive_rc_attn(attn, z, num_frames, inject_from=None, weighting="balanced"):
+def naive_rc_attn(attn, z, num_frames, inject_from=None, weighting="paper"):
     """z: (B*F, N, C). Loops over videos, frames and heads; softmax written out."""
     BF, N, C = z.shape
     B = BF // num_frames
@@ -178,37 +182,76 @@ def test_rc_attn_with_one_frame_equals_2d_unet(unet2d):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inject_layers", ["all", "mid,up"])
-def test_injection_with_identical_branches_is_exact(unet2d, inject_layers):
-    unet = inflate(unet2d, inject_layers=inject_layers)
+@pytest.mark.parametrize("layers", ["all", "mid,up"])
+def test_injection_with_identical_branches(unet2d, layers):
+    unet = inflate(unet2d)
+    schedule = InjectionSchedule(layers=layers)
     x, emb = _inputs(1, 3)
     x2, emb2 = x.repeat(2, 1, 1, 1, 1), emb.repeat(2, 1, 1)
     plain = _run(unet, x, emb)
-    out = _run(unet, x2, emb2, inject_from=[-1, 0])
-    assert (out[0] - out[1]).abs().max() < 1e-5  # edit branch == recon branch
-    assert (out[0] - plain[0]).abs().max() < 1e-5  # recon branch == plain RC-Attn
-    # the literal Eq. 18 double-counts the current frame, so the branches differ
-    inflate(unet, inject_layers=inject_layers, injection_weighting="paper")
-    paper = _run(unet, x2, emb2, inject_from=[-1, 0])
-    assert (paper[0] - plain[0]).abs().max() < 1e-5
+    # the literal Eq. 18 (default) double-counts the current frame, so the branches differ
+    with attention_processors(unet, injection_processors(unet, schedule)):
+        paper = _run(unet, x2, emb2, inject_from=[-1, 0])
+    assert (paper[0] - plain[0]).abs().max() < 1e-5  # recon branch == plain RC-Attn
     assert (paper[1] - paper[0]).abs().max() > 1e-4
+    # balanced: the two current-frame blocks share a slot, so edit == recon when inputs match
+    with attention_processors(unet, injection_processors(unet, schedule, "balanced")):
+        out = _run(unet, x2, emb2, inject_from=[-1, 0])
+    assert (out[0] - out[1]).abs().max() < 1e-5
+    assert (out[0] - plain[0]).abs().max() < 1e-5
 
 
 @torch.no_grad()
-def test_injection_layer_filter(unet2d):
-    unet = inflate(unet2d, inject_layers="up")
-    flags = {n: p.inject for n, p in unet.attn_processors.items() if isinstance(p, RCAttnProcessor)}
-    assert flags and all(v == n.startswith("up_blocks") for n, v in flags.items())
-    names = [n for n in flags if n.startswith("down_blocks")]
-    inflate(unet, inject_layers=names)
-    assert [n for n, p in unet.attn_processors.items() if getattr(p, "inject", False)] == names
-    with pytest.raises(ValueError, match="unknown parts"):
-        inflate(unet, inject_layers="up,sideways")
+def test_injection_processors_follow_the_schedule_and_are_per_call(unet2d):
+    unet = inflate(unet2d)
+    before = dict(unet.attn_processors)
+    names = rc_attn_layers(unet)
+    assert [n.split(".")[0] for n in names] == sorted((n.split(".")[0] for n in names), key=["down_blocks", "mid_block", "up_blocks"].index)
+
+    def flags(layers):
+        return [p.inject for p in injection_processors(unet, InjectionSchedule(layers=layers)).values()]
+
+    assert flags("up") == [n.startswith("up_blocks") for n in names]
+    assert flags("mid") == [n.startswith("mid_block") for n in names]
+    assert flags("0,2-3") == [i in (0, 2, 3) for i in range(len(names))]
+    assert flags("up_blocks.1.*") == [n.startswith("up_blocks.1.") for n in names]
+    assert flags(names[1]) == [i == 1 for i in range(len(names))]
+    assert not any(flags("none")) and all(flags("all"))
+    with pytest.raises(EymError, match="selects no RC-Attn layer"):
+        injection_processors(unet, InjectionSchedule(layers=f"{len(names)}"))
+    with pytest.raises(EymError, match="is not all, none"):
+        InjectionSchedule(layers="up,sideways")
     # injection from a different video changes the editing branch only where layers inject
     x, emb = _inputs(2, 3)
-    assert (_run(unet, x, emb, inject_from=[-1, 0])[1] - _run(unet, x, emb)[1]).abs().max() > 1e-5
-    inflate(unet, inject_layers="none")
-    assert torch.equal(_run(unet, x, emb, inject_from=[-1, 0]), _run(unet, x, emb))
+    with attention_processors(unet, injection_processors(unet, InjectionSchedule(layers="up"))):
+        assert (_run(unet, x, emb, inject_from=[-1, 0])[1] - _run(unet, x, emb)[1]).abs().max() > 1e-5
+    with attention_processors(unet, injection_processors(unet, InjectionSchedule(layers="none"))):
+        assert torch.equal(_run(unet, x, emb, inject_from=[-1, 0]), _run(unet, x, emb))
+    # the shared UNet gets its own processors back, even when the call fails
+    with pytest.raises(RuntimeError):
+        with attention_processors(unet, injection_processors(unet, InjectionSchedule(layers="none"))):
+            raise RuntimeError("boom")
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == {n: type(p) for n, p in before.items()}
+    assert all(p.inject and p.weighting == "paper" for p in unet.attn_processors.values() if isinstance(p, RCAttnProcessor))
+
+
+def test_injection_schedule_steps_and_presets():
+    assert InjectionSchedule().steps(10) == list(range(10))
+    assert InjectionSchedule(end=0.5).steps(10) == [0, 1, 2, 3, 4]
+    assert InjectionSchedule(start=0.2, end=0.6).steps(10) == [2, 3, 4, 5]
+    assert InjectionSchedule(start_step=4).steps(10) == [4, 5, 6, 7, 8, 9]
+    assert InjectionSchedule(start_step=2, end_step=5).steps(10) == [2, 3, 4]
+    assert InjectionSchedule(layers="none").steps(10) == []
+    me = injection_preset("MotionEditor-like: decoder, after step 4")
+    assert me == injection_preset("motioneditor-like-decoder-after-step-4") == InjectionSchedule(layers="up", start_step=4)
+    assert me.injects("up_blocks.1.attentions.0.transformer_blocks.0.attn1", 9, 4, 50)
+    assert not me.injects("up_blocks.1.attentions.0.transformer_blocks.0.attn1", 9, 3, 50)
+    assert not me.injects("down_blocks.0.attentions.0.transformer_blocks.0.attn1", 0, 10, 50)
+    assert injection_preset("paper: all") == InjectionSchedule()
+    with pytest.raises(EymError, match="unknown"):
+        injection_preset("sometimes")
+    with pytest.raises(EymError, match="fractions"):
+        InjectionSchedule(start=0.7, end=0.2)
 
 
 def test_temporal_attention_trains_and_mixes_frames(unet2d):
