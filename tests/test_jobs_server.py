@@ -44,7 +44,7 @@ def _args(media: Path, target: str, *, seed: int = 0, steps1: int = 1) -> dict:
         num_frames=4, start=0, stride=0, size=64, retarget=True,
         subject="A man in a white tai chi suit", source_motion="practicing tai chi", target_motion=target,
         p_c="", p_s="", p_t="", seed=seed, stage1_steps=steps1, stage2_steps=1, ddim_steps=2,
-        inject_fraction=1.0, inject_layers="all",
+        inject_layers="all", inject_start=0, inject_end=None,
     )  # fmt: skip
 
 
@@ -69,10 +69,10 @@ def _lone(editor, args: dict, out: Path) -> np.ndarray:
     config = app._preprocess_config(args["num_frames"], args["start"], args["stride"], args["size"])
     prompts = app.compose_prompts(args["subject"], args["source_motion"], args["target_motion"], "", "", "")
     settings = app.edit_config(config, seed=args["seed"], stage1_steps=args["stage1_steps"], stage2_steps=args["stage2_steps"],
-                               ddim_steps=args["ddim_steps"], inject_fraction=args["inject_fraction"],
-                               inject_layers=args["inject_layers"], retarget=args["retarget"])
+                               ddim_steps=args["ddim_steps"], inject_layers=args["inject_layers"],
+                               inject_start=args["inject_start"], inject_end=args["inject_end"], retarget=args["retarget"])
     src = app.load_source(args["source"], config, limits)
-    ref = app.load_motion(args["mode"], args["reference"], None, src, config, limits, retarget=False)
+    ref = app.load_motion(args["mode"], args["reference"], None, src, config, limits)
     return _frames(editor.edit(src, ref, prompts, settings, out_dir=out).video)
 
 
