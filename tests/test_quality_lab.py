@@ -36,8 +36,12 @@ def trained(tmp_path_factory):
 
 def test_data_layout_and_delta_coding(trained):
     data, _, _ = trained
-    frames = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(lab.delta_decode(lab.delta_encode(frames)), frames)
+    rng = np.random.default_rng(0)
+    for shape in ((5, 8, 8, 3), (3, 5, 8, 8, 3)):  # a frame sequence; clips of frame sequences
+        frames = rng.integers(0, 256, shape, dtype=np.uint8)
+        deltas = lab.delta_encode(frames)
+        assert np.array_equal(lab.delta_decode(deltas), frames)
+        assert np.array_equal(deltas.take(0, axis=frames.ndim - 4), frames.take(0, axis=frames.ndim - 4))  # along frames
     arrays, meta = lab.load_data(data / lab.EDITS_FILE)
     C, F = len(lab.CLIPS), lab.EVAL_FRAMES
     assert arrays["window_frames"].shape == (C, F, 64, 64, 3) and arrays["window_frames"].dtype == np.uint8

@@ -114,17 +114,18 @@ DELTA_SUFFIX = "__delta"  # frame arrays are stored as differences to the previo
 
 
 def delta_encode(frames: np.ndarray) -> np.ndarray:
-    """uint8 frames -> differences to the previous frame along axis 0, modulo 256 (lossless).
+    """uint8 frames ``(..., F, H, W, 3)`` -> differences to the previous frame along F, modulo 256 (lossless).
 
     Consecutive frames of a clip differ little, so the differences compress to about 40% of
-    the frames' own zlib size; this keeps the carried data file small.
+    the frames' own zlib size; this keeps the carried data files small.
     """
-    return np.diff(frames, axis=0, prepend=np.zeros_like(frames[:1]))  # uint8 arithmetic wraps mod 256
+    axis = frames.ndim - 4
+    return np.diff(frames, axis=axis, prepend=np.zeros_like(frames.take([0], axis=axis)))  # uint8 arithmetic wraps mod 256
 
 
 def delta_decode(deltas: np.ndarray) -> np.ndarray:
     """The inverse of :func:`delta_encode`."""
-    return np.cumsum(deltas, axis=0, dtype=np.uint8)
+    return np.cumsum(deltas, axis=deltas.ndim - 4, dtype=np.uint8)
 
 
 def load_data(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
