@@ -113,27 +113,19 @@ def pair_prompts(pair: Pair) -> dict[str, str]:
 DELTA_SUFFIX = "__delta"  # frame arrays are stored as differences to the previous frame
 
 
-def _frame_axis(frames: np.ndarray) -> int:
-    """The frame axis of ``(..., F, H, W, 3)``: 0 for a frame list, 1 for ``(windows, F, H, W, 3)``."""
-    if frames.ndim < 4:
-        raise ValueError(f"frame arrays are (..., F, H, W, 3), got shape {frames.shape}")
-    return frames.ndim - 4
-
-
 def delta_encode(frames: np.ndarray) -> np.ndarray:
-    """uint8 frames -> differences to the previous frame along the frame axis, modulo 256 (lossless).
+    """uint8 frames ``(..., F, H, W, 3)`` -> differences to the previous frame along F, modulo 256 (lossless).
 
     Consecutive frames of a clip differ little, so the differences compress to about 40% of
-    the frames' own zlib size; this keeps the carried data file small.
+    the frames' own zlib size; this keeps the carried data files small.
     """
-    axis = _frame_axis(frames)
-    first = np.zeros_like(np.take(frames, [0], axis=axis))
-    return np.diff(frames, axis=axis, prepend=first)  # uint8 arithmetic wraps mod 256
+    axis = frames.ndim - 4
+    return np.diff(frames, axis=axis, prepend=np.zeros_like(frames.take([0], axis=axis)))  # uint8 arithmetic wraps mod 256
 
 
 def delta_decode(deltas: np.ndarray) -> np.ndarray:
     """The inverse of :func:`delta_encode`."""
-    return np.cumsum(deltas, axis=_frame_axis(deltas), dtype=np.uint8)
+    return np.cumsum(deltas, axis=deltas.ndim - 4, dtype=np.uint8)
 
 
 def load_data(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -18,6 +18,7 @@ first pair's time is the estimate); skipped pairs are listed in the log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -64,6 +65,7 @@ if importlib.util.find_spec("cv2") is None:
 
 from eym.config import replace  # noqa: E402
 from eym.editor import Editor, InferConfig, Prompts, control_tensor, encode_prompts  # noqa: E402
+from eym.injection import InjectionSchedule  # noqa: E402
 from eym.models import load_components  # noqa: E402
 from eym.preprocess import Clip, PreprocessConfig, content_hash  # noqa: E402
 from eym.sampling import ddim_step, ddim_timesteps, decode_video  # noqa: E402
@@ -83,15 +85,15 @@ class Row:
 
 
 ROWS = (
-    Row("full", "full method: DPL stage 1 + 2, injection in all layers and steps, balanced weighting"),
+    Row("full", "full method: DPL stage 1 + 2, injection in all layers and steps, Eq. 18 weighting as printed"),
     Row("no_stage1", "without stage 1 (no RC-Attn tuning on masked, shuffled frames)", tune={"steps1": 0}),
     Row("no_stage2", "without stage 2 (no temporal-attention tuning)", tune={"steps2": 0}),
     Row("no_lnoise", "without L_noise (lambda = 1 in Eq. 15)", tune={"rec_weight": 1.0}),
-    Row("no_injection", "without key/value injection", infer={"inject_layers": "none"}),
-    Row("inject_decoder", "injection in the decoder (up blocks) only", infer={"inject_layers": "up"}),
-    Row("inject_after_k", "injection from step k = 10 of 50 on", infer={"inject_steps": (0.2, 1.0)}),
-    Row("inject_first_half", "injection in the first 25 of 50 steps only", infer={"inject_steps": 0.5}),
-    Row("weighting_paper", "Eq. 18 weighting as printed (paper)", infer={"injection_weighting": "paper"}),
+    Row("no_injection", "without key/value injection", infer={"injection": InjectionSchedule(layers="none")}),
+    Row("inject_decoder", "injection in the decoder (up blocks) only", infer={"injection": InjectionSchedule(layers="up")}),
+    Row("inject_after_k", "injection from step k = 10 of 50 on", infer={"injection": InjectionSchedule(start=0.2)}),
+    Row("inject_first_half", "injection in the first 25 of 50 steps only", infer={"injection": InjectionSchedule(end=0.5)}),
+    Row("weighting_balanced", "the two current-frame key blocks share one slot (balanced)", infer={"injection_weighting": "balanced"}),
     Row(BASELINE, "plain pose-conditioned DDIM from noise, P_t + driving skeletons, untuned 2D model"),
 )
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = list(range(min(args.pairs, len(meta["pairs"]))))
     log = {"model": str(model), "device": str(components.device), "dtype": str(components.dtype),
            "settings": {"frames": args.frames, "tune": {"steps1": args.steps1, "steps2": args.steps2, "lr": args.lr}, "ddim_steps": args.ddim_steps},
-           "rows": [{"name": r.name, "what": r.what, "tune": r.tune, "infer": {k: list(v) if isinstance(v, tuple) else v for k, v in r.infer.items()}} for r in rows],
+           "rows": [{"name": r.name, "what": r.what, "tune": r.tune, "infer": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in r.infer.items()}} for r in rows],
            "pairs": [], "skipped": []}
     outputs: dict[int, dict] = {p: {} for p in pairs}
     seconds: dict[int, dict] = {p: {} for p in pairs}
