@@ -54,10 +54,10 @@ from tqdm.auto import tqdm
 from eym.cache import atomic_write_bytes, atomic_write_json, hash_path, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 
 # Bump when what decides a group changes (the plan of an earlier run then no longer matches;
 # results stay valid: they are keyed per edit by eym.suite).

@@ -30,7 +30,6 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,11 +38,10 @@ from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, sta
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.preprocess import PreprocessConfig
+from eym.progress import ProgressCallback
 from eym.tuning import TuneConfig, TuningData, tune_dpl
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
 
 TUNED_FILE = "tuned.safetensors"
 TUNED_MANIFEST = "manifest.json"

@@ -48,10 +48,10 @@ import numpy as np
 import torch
 
 from eym.errors import EymError
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 
 # Metric groups; each can be switched on or off as a whole (EvalConfig.metrics).
 GROUPS = ("clip", "lpips", "motion", "background", "temporal")

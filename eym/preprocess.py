@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,11 +35,11 @@ from eym.env import eym_home
 from eym.masks import fill_empty_masks, get_mask_backend
 from eym.probe import ProbeLimits, probe
 from eym.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, draw_skeletons, empty_frames, fill_missing, get_pose_backend
+from eym.progress import ProgressCallback
 from eym.video import RESIZE_MODES, VideoLimits, list_frame_files, read_video, write_mp4
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 CACHE_VERSION = 1  # bump when the output of preprocessing changes, so old entries are not reused
 POSE_BACKENDS = ("auto", "mediapipe", "openpose")
 MASK_BACKENDS = ("mediapipe", "rembg")

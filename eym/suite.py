@@ -46,10 +46,9 @@ from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.metrics import METRICS, EvalConfig, EvalReport, evaluate
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
 
 PAIRS_DIR = "pairs"
 METRICS_FILE = "metrics.json"

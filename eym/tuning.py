@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from eym.cache import atomic_write_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 LogFn = Callable[[dict], None]
 
 CHECKPOINT = "checkpoint.pt"
