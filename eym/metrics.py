@@ -26,7 +26,8 @@ Beyond the paper (only the pose and mask backends are needed):
 - Background preservation, over the pixels B outside dilate(M_source | M_edited):
       BG-PSNR = 10 log10(255^2 / MSE_B)      MSE_B pooled over B, all frames and channels
       BG-SSIM = mean over B of the SSIM map  (Wang et al. 2004: Gaussian window sigma 1.5,
-                                              K1 0.01, K2 0.03, L 255, per RGB channel)
+                                              K1 0.01, K2 0.03, L 255, per RGB channel;
+                                              scikit-image's structural_similarity)
 - Temporal stability: MAFD = 1/(n-1) sum_i mean|x_{i+1} - x_i| (0..255), and its ratio to the
   source's MAFD (1 = as steady as the source; above 1 = flicker the source does not have).
 
@@ -303,30 +304,26 @@ def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: flo
 
     SSIM = ((2 mu_a mu_b + C1)(2 s_ab + C2)) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
     C1 = (0.01 L)^2, C2 = (0.03 L)^2, local statistics under a Gaussian window (sigma 1.5, 11
-    taps, reflected borders) with population (not sample) covariance, as skimage's
-    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+    taps, reflected borders), population covariance: scikit-image's ``structural_similarity``.
 
     Args:
         a, b: (H, W) or (H, W, C) images.
     Returns:
         (H, W) or (H, W, C) float64 map.
     """
-    import cv2
+    from skimage.metrics import structural_similarity
 
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    radius = int(3.5 * sigma + 0.5)  # skimage/scipy's truncate=3.5
-    ksize = (2 * radius + 1, 2 * radius + 1)
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(x, ksize, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    # skimage refuses images smaller than its window; the Gaussian itself is set by sigma, the
+    # window size only decides that check and the border crop of the mean (unused here).
+    side = min(a.shape[:2])
+    win_size = min(2 * int(3.5 * sigma + 0.5) + 1, side if side % 2 else side - 1)
+    _, full = structural_similarity(
+        a, b, win_size=max(win_size, 1), gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+        data_range=data_range, channel_axis=-1 if a.ndim == 3 else None, full=True,
+    )
+    return full
 
 
 def ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> float:
