@@ -228,8 +228,8 @@ class TunedWeights:
 class EditResult:
     """What :meth:`Editor.edit` wrote and returns."""
 
-    video: Path  # the edited video (H.264 yuv420p mp4, the source's fps)
-    side_by_side: Path  # source | reference skeleton | edited
+    video: Path  # the edited video (H.264 yuv420p mp4, the source's fps and soundtrack)
+    side_by_side: Path  # source | motion (reference skeleton) | edit, labelled
     settings: Path  # the run's settings and prompts (JSON)
     reused_tuning: bool  # the tuned weights came from the cache
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited frames
@@ -584,7 +584,7 @@ class Editor:
         Returns:
             :class:`EditResult`.
         """
-        from eym.video import side_by_side, write_mp4
+        from eym.video import labelled_side_by_side, mux_audio, sampled_span, write_mp4
 
         config = config or EditConfig()
         _check_prompt(prompts.target, "target prompt (P_t)")
@@ -600,7 +600,11 @@ class Editor:
         out_dir.mkdir(parents=True, exist_ok=True)
         fps = float(source_clip.fps)
         video = write_mp4(frames, out_dir / f"{name}.mp4", fps)
-        panel = write_mp4(side_by_side(np.asarray(source_clip.frames), ref_skeletons, frames), out_dir / f"{name}.side_by_side.mp4", fps)
+        # The source's soundtrack over the span the sampled frames cover (presets and frame folders have none).
+        source_video, indices = getattr(source_clip, "source", ""), getattr(source_clip, "indices", [])
+        soundtrack = bool(source_video and indices) and mux_audio(video, source_video, *sampled_span(indices, fps))
+        panels = {"source": np.asarray(source_clip.frames), "motion": ref_skeletons, "edit": frames}
+        panel = write_mp4(labelled_side_by_side(panels, fps), out_dir / f"{name}.side_by_side.mp4", fps)
         settings = {
             "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
             "source": {"input": _describe_input(source), "content_hash": source_clip.content_hash},
@@ -612,7 +616,7 @@ class Editor:
             "frames": list(frames.shape),
             "fps": fps,
             "seconds": round(time.perf_counter() - started, 2),
-            "outputs": {"video": video.name, "side_by_side": panel.name},
+            "outputs": {"video": video.name, "side_by_side": panel.name, "soundtrack": soundtrack},
         }
         settings_path = atomic_write_json(out_dir / f"{name}.settings.json", settings)
         return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames)
