@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from eym.errors import EymError
+from eym.models import resolve_device
 from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -353,15 +354,6 @@ def mean_abs_frame_difference(frames: np.ndarray) -> tuple[float, list[float]]:
 # ---------------------------------------------------------------------------------------------
 _CLIP_CACHE: dict[tuple[str, str], "ClipEmbedder"] = {}
 _LPIPS_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise EymError(f"device={device!r} is not a torch device; use cpu, cuda or auto") from err
 
 
 class ClipEmbedder:
