@@ -43,7 +43,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -168,6 +168,34 @@ METRICS: tuple[tuple[str, bool | None, str], ...] = (
     ("MAFD", None, "temporal"),
     ("MAFD-ratio", None, "temporal"),
 )
+
+# Column headings of metric tables (the suite's results.md, the batch summary): arrows say which way is better.
+HEADINGS = {
+    "TA": "TA ↑", "TC": "TC ↑", "L-N": "L-N ↓", "L-S": "L-S ↓",
+    "PCK": "PCK ↑", "MKD": "MKD ↓", "DET": "Det ↑",
+    "BG-PSNR": "BG-PSNR ↑", "BG-SSIM": "BG-SSIM ↑",
+    "MAFD": "MAFD", "MAFD-ratio": "MAFD ratio",
+}  # fmt: skip
+
+
+def table_columns(names: Iterable[str]) -> list[str]:
+    """The metric names among ``names``, once each, in table order (:data:`METRICS`)."""
+    present = set(names)
+    return [name for name, _, _ in METRICS if name in present]
+
+
+def format_value(value: float | None, name: str) -> str:
+    """A metric as a table shows it: dB and pixel levels to 2 decimals, the rest to 3; ``n/a`` when unavailable."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if name in ("BG-PSNR", "MAFD") else f"{value:.3f}"
+
+
+def csv_value(value: float | None) -> str:
+    """A metric as a CSV cell: the full float, empty when unavailable."""
+    return "" if value is None else repr(float(value))
 
 
 def _json_float(v: float | None) -> float | str | None:

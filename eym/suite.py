@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path, load_entry, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
-from eym.metrics import METRICS, EvalConfig, EvalReport, evaluate
+from eym.metrics import HEADINGS, METRICS, EvalConfig, EvalReport, csv_value, evaluate, format_value, table_columns
 from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,6 @@ METRICS_FILE = "metrics.json"
 CONTACT_SHEET = "contact_sheet.png"
 EDITED_VIDEO = "edited.mp4"
 CELL = 160  # contact sheet cell side, pixels
-
-# Column headings of the table: the paper's four with their arrows, then ours.
-_HEADINGS = {
-    "TA": "TA ↑", "TC": "TC ↑", "L-N": "L-N ↓", "L-S": "L-S ↓",
-    "PCK": "PCK ↑", "MKD": "MKD ↓", "DET": "Det ↑",
-    "BG-PSNR": "BG-PSNR ↑", "BG-SSIM": "BG-SSIM ↑",
-    "MAFD": "MAFD", "MAFD-ratio": "MAFD ratio",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Contact sheet
@@ -108,14 +99,6 @@ def write_png(image: np.ndarray, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
-def _fmt(value: float | None, name: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.2f}" if name in ("BG-PSNR", "MAFD") else f"{value:.3f}"
-
-
 def mean_row(reports: dict[str, EvalReport]) -> dict[str, float | None]:
     """Mean of each metric over the pairs where it is available (None where it is nowhere)."""
     means: dict[str, float | None] = {}
@@ -128,8 +111,7 @@ def mean_row(reports: dict[str, EvalReport]) -> dict[str, float | None]:
 
 def _columns(reports: dict[str, EvalReport]) -> list[str]:
     """The metric columns any report has, in table order."""
-    present = {n for r in reports.values() for n in r.metrics}
-    return [n for n, _, _ in METRICS if n in present]
+    return table_columns(n for r in reports.values() for n in r.metrics)
 
 
 def table_markdown(reports: dict[str, EvalReport], sheets: dict[str, str] | None = None) -> str:
@@ -140,12 +122,12 @@ def table_markdown(reports: dict[str, EvalReport], sheets: dict[str, str] | None
         sheets: pair name -> contact sheet path relative to the table (linked under the table).
     """
     cols = _columns(reports)
-    lines = ["| Pair | " + " | ".join(_HEADINGS[c] for c in cols) + " |",
+    lines = ["| Pair | " + " | ".join(HEADINGS[c] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, report in reports.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(report.metrics[c].value, c) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_value(report.metrics[c].value, c) for c in cols) + " |")
     means = mean_row(reports)
-    lines.append(f"| **mean ({len(reports)})** | " + " | ".join(_fmt(means[c], c) for c in cols) + " |")
+    lines.append(f"| **mean ({len(reports)})** | " + " | ".join(format_value(means[c], c) for c in cols) + " |")
     reasons = {}
     for report in reports.values():
         for c in cols:
@@ -164,13 +146,10 @@ def table_csv(reports: dict[str, EvalReport]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["pair", *cols])
 
-    def cell(v: float | None) -> str:
-        return "" if v is None else repr(float(v))
-
     for name, report in reports.items():
-        writer.writerow([name, *(cell(report.metrics[c].value) for c in cols)])
+        writer.writerow([name, *(csv_value(report.metrics[c].value) for c in cols)])
     means = mean_row(reports)
-    writer.writerow(["mean", *(cell(means[c]) for c in cols)])
+    writer.writerow(["mean", *(csv_value(means[c]) for c in cols)])
     return buf.getvalue()
 
 
