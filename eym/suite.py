@@ -47,6 +47,7 @@ from eym.config import to_dict
 from eym.errors import EymError
 from eym.metrics import HEADINGS, METRICS, EvalConfig, EvalReport, csv_value, evaluate, format_value, table_columns
 from eym.progress import ProgressCallback
+from eym.video import contact_sheet
 
 logger = logging.getLogger(__name__)
 
@@ -57,35 +58,8 @@ EDITED_VIDEO = "edited.mp4"
 CELL = 160  # contact sheet cell side, pixels
 
 # ---------------------------------------------------------------------------------------------
-# Contact sheet
+# Contact sheet (laid out by eym.video.contact_sheet)
 # ---------------------------------------------------------------------------------------------
-def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = CELL, label_width: int = 96) -> np.ndarray:
-    """Stack videos as labelled rows of frames: one row per video, one column per frame.
-
-    Args:
-        rows: label -> (F, H, W, 3) uint8 frames; every video has the same F.
-        cell: side of each (square) cell in pixels; frames are resized to fit it.
-        label_width: width of the label strip on the left.
-    Returns:
-        (len(rows) * cell, label_width + F * cell, 3) uint8 RGB image.
-    """
-    import cv2
-
-    counts = {label: len(v) for label, v in rows.items()}
-    if len(set(counts.values())) != 1:
-        raise EymError(f"contact sheet rows have different frame counts {counts}")
-    strips = []
-    for label, frames in rows.items():
-        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
-        strip = np.full((cell, label_width, 3), 255, np.uint8)
-        scale = 0.4 * cell / 160
-        for i, word in enumerate(label.split()):  # one word per line keeps labels inside the strip
-            cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
-                        scale, (0, 0, 0), 1, cv2.LINE_AA)
-        strips.append(np.concatenate([strip, *cells], axis=1))
-    return np.concatenate(strips, axis=0)
-
-
 def write_png(image: np.ndarray, path: Path) -> Path:
     """Write an RGB uint8 image as PNG, atomically."""
     import cv2
@@ -271,7 +245,7 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig | None, get_
         # drawn at the cell size: limbs keep ControlNet's stroke widths instead of being rescaled
         "reference skeleton": draw_skeletons(driving, CELL, CELL),
         "edited": result.frames,
-    })
+    }, cell=CELL)
     write_png(sheet, folder / CONTACT_SHEET)
     return report
 

@@ -420,6 +420,31 @@ def side_by_side(*videos: np.ndarray) -> np.ndarray:
     return np.concatenate([_to_height(video, height) for video in videos], axis=2)
 
 
+def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: int = 96) -> np.ndarray:
+    """Stack videos as labelled rows of frames: one row per video, one column per frame.
+
+    Args:
+        rows: label -> (F, H, W, 3) uint8 frames; every video has the same F.
+        cell: side of each (square) cell in pixels; frames are resized to fit it.
+        label_width: width of the label strip on the left; 0 for none (the labels are then unused).
+    Returns:
+        (len(rows) * cell, label_width + F * cell, 3) uint8 RGB image.
+    """
+    counts = {label: len(v) for label, v in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise EymError(f"contact sheet rows have different frame counts {counts}")
+    strips = []
+    for label, frames in rows.items():
+        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
+        strip = np.full((cell, label_width, 3), 255, np.uint8)
+        scale = 0.4 * cell / 160
+        for i, word in enumerate(label.split() if label_width else []):  # one word per line keeps labels inside the strip
+            cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (0, 0, 0), 1, cv2.LINE_AA)
+        strips.append(np.concatenate([strip, *cells], axis=1))
+    return np.concatenate(strips, axis=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Composition and sound (moviepy)
 # ---------------------------------------------------------------------------------------------

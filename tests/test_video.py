@@ -14,6 +14,7 @@ import pytest
 from eym.errors import EymError
 from eym.video import (
     VideoLimits,
+    contact_sheet,
     count_frames,
     list_frame_files,
     read_video,
@@ -101,6 +102,22 @@ def test_side_by_side_concatenates_widths():
 # ---------------------------------------------------------------------------------------------
 # Frame folders
 # ---------------------------------------------------------------------------------------------
+def test_contact_sheet_layout():
+    F, H = 3, 20
+    rows = {name: np.full((F, H, H, 3), value, np.uint8) for name, value in
+            (("source", 10), ("reference skeleton", 120), ("edited", 250))}
+    sheet = contact_sheet(rows, cell=32, label_width=40)
+    assert sheet.shape == (3 * 32, 40 + F * 32, 3) and sheet.dtype == np.uint8
+    # each row holds its video's frames, one cell per frame, after the label strip
+    for r, value in enumerate((10, 120, 250)):
+        assert (sheet[r * 32:(r + 1) * 32, 40:] == value).all()
+    assert (sheet[:, :40] < 255).any()  # labels were drawn
+    bare = contact_sheet(rows, cell=32, label_width=0)  # no label strip: the preview.png layout
+    np.testing.assert_array_equal(bare, sheet[:, 40:])
+    with pytest.raises(EymError, match="frame counts"):
+        contact_sheet({"a": np.zeros((2, 8, 8, 3), np.uint8), "b": np.zeros((3, 8, 8, 3), np.uint8)})
+
+
 def test_frame_folder_sorts_numerically(tmp_path):
     for n in (10, 2, 1, 33, 3):
         image = np.full((20, 20, 3), n, np.uint8)
