@@ -33,7 +33,6 @@ import csv
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import numpy as np
 import pytest
 
 from eym import suite as S
