@@ -473,8 +473,9 @@ def labelled_side_by_side(videos: dict[str, np.ndarray], fps: float) -> np.ndarr
         if video.shape[0] != num_frames:
             raise ValueError(f"all videos need {num_frames} frames, got {video.shape[0]} for {label!r}")
         clip = ImageSequenceClip(list(_to_height(np.asarray(video, np.uint8), height)), fps=fps)
-        text = TextClip(text=label, font_size=max(10, height // 18), color="white", bg_color="black",
-                        margin=(max(2, height // 80), max(1, height // 160)))
+        font_size = max(10, height // 18)
+        pad = max(2, font_size // 4)  # Pillow's metrics leave no room above the caps: pad, or they are cut
+        text = TextClip(text=label, font_size=font_size, color="white", bg_color="black", margin=(pad, pad, pad, 2 * pad))
         panels.append(CompositeVideoClip([clip, text.with_duration(clip.duration).with_position((0, 0))]))
     grid = clips_array([panels])
     # Sample the middle of each frame's display interval: t = i / fps can land on the previous frame.
