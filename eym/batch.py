@@ -47,17 +47,17 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, atomic_write_json, hash_path, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 
 # Bump when what decides a group changes (the plan of an earlier run then no longer matches;
 # results stay valid: they are keyed per edit by eym.suite).
@@ -360,17 +360,9 @@ def run_batch(
 # Summary tables
 # ---------------------------------------------------------------------------------------------
 def _metric_columns(rows: Sequence[EditRow]) -> list[str]:
-    from eym.metrics import METRICS
+    from eym.metrics import table_columns
 
-    present = {name for r in rows for name in r.metrics}
-    return [name for name, _, _ in METRICS if name in present]
-
-
-def _heading(name: str) -> str:
-    from eym.metrics import METRICS
-
-    higher = {n: h for n, h, _ in METRICS}[name]
-    return name + {True: " ↑", False: " ↓", None: ""}[higher]
+    return table_columns(name for r in rows for name in r.metrics)
 
 
 def summary_csv(rows: Sequence[EditRow]) -> str:
@@ -378,6 +370,8 @@ def summary_csv(rows: Sequence[EditRow]) -> str:
 
     Booleans are ``true``/``false``, unknown or unavailable values empty, paths relative to DIR.
     """
+    from eym.metrics import csv_value
+
     metrics = _metric_columns(rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -386,12 +380,14 @@ def summary_csv(rows: Sequence[EditRow]) -> str:
         reused = "" if r.reused_tuning is None else str(r.reused_tuning).lower()
         writer.writerow([r.name, r.source, r.motion, r.rank, r.group, r.status, reused, f"{r.seconds:.3f}",
                          *(r.outputs.get(kind, "") for kind in _OUTPUTS), r.error or "",
-                         *("" if r.metrics.get(m) is None else repr(float(r.metrics[m])) for m in metrics)])
+                         *(csv_value(r.metrics.get(m)) for m in metrics)])
     return buf.getvalue()
 
 
 def summary_markdown(rows: Sequence[EditRow], num_ranks: int) -> str:
     """A human-readable summary: totals, a table with links to the videos, the failures."""
+    from eym.metrics import HEADINGS, format_value
+
     counts = {s: sum(r.status == s for r in rows) for s in (EDITED, SKIPPED, FAILED)}
     tunings = sum(r.status == EDITED and r.reused_tuning is False for r in rows)
     metrics = _metric_columns(rows)
@@ -399,13 +395,13 @@ def summary_markdown(rows: Sequence[EditRow], num_ranks: int) -> str:
         "# Batch edits", "",
         f"{len(rows)} edits on {num_ranks} rank(s): {counts[EDITED]} edited (tuning ran {tunings} time(s)), "
         f"{counts[SKIPPED]} skipped (complete from an earlier run), {counts[FAILED]} failed.", "",
-        "| Edit | Source | Motion | Rank | Status | Tuning | Seconds | Video | " + "".join(f"{_heading(m)} | " for m in metrics),
+        "| Edit | Source | Motion | Rank | Status | Tuning | Seconds | Video | " + "".join(f"{HEADINGS[m]} | " for m in metrics),
         "|---" * (8 + len(metrics)) + "|",
     ]
     for r in rows:
         tuning = "" if r.reused_tuning is None else "reused" if r.reused_tuning else "tuned"
         video = f"[{Path(r.outputs['video']).name}]({r.outputs['video']})" if "video" in r.outputs else ""
-        values = ["n/a" if r.metrics.get(m) is None else f"{r.metrics[m]:.3f}" for m in metrics]
+        values = [format_value(r.metrics.get(m), m) for m in metrics]
         lines.append(f"| {r.name} | {_cell(r.source)} | {_cell(r.motion)} | {r.rank} | {r.status} | {tuning} | {r.seconds:.1f} | "
                      f"{video} | " + "".join(f"{v} | " for v in values))
     failed = [r for r in rows if r.status == FAILED]

@@ -30,7 +30,6 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,11 +40,10 @@ from eym.errors import EymError
 from eym.validate import check_ddim_steps, check_ranges
 from eym.injection import InjectionSchedule, injection_preset
 from eym.preprocess import PreprocessConfig
+from eym.progress import ProgressCallback
 from eym.tuning import TuneConfig, TuningData, tune_dpl
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
 
 TUNED_FILE = "tuned.safetensors"
 TUNED_MANIFEST = "manifest.json"
@@ -216,8 +214,8 @@ class TunedWeights:
 class EditResult:
     """What :meth:`Editor.edit` wrote and returns."""
 
-    video: Path  # the edited video (H.264 yuv420p mp4, the source's fps)
-    side_by_side: Path  # source | reference skeleton | edited
+    video: Path  # the edited video (H.264 yuv420p mp4, the source's fps and soundtrack)
+    side_by_side: Path  # source | motion (reference skeleton) | edit, labelled
     settings: Path  # the run's settings and prompts (JSON)
     reused_tuning: bool  # the tuned weights came from the cache
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited frames
@@ -556,7 +554,7 @@ class Editor:
         Returns:
             :class:`EditResult`.
         """
-        from eym.video import side_by_side, write_mp4
+        from eym.video import labelled_side_by_side, mux_audio, sampled_span, write_mp4
 
         config = config or EditConfig()
         _check_prompt(prompts.target, "target prompt (P_t)")
@@ -574,7 +572,11 @@ class Editor:
         out_dir.mkdir(parents=True, exist_ok=True)
         fps = float(source_clip.fps)
         video = write_mp4(frames, out_dir / f"{name}.mp4", fps)
-        panel = write_mp4(side_by_side(np.asarray(source_clip.frames), ref_skeletons, frames), out_dir / f"{name}.side_by_side.mp4", fps)
+        # The source's soundtrack over the span the sampled frames cover (presets and frame folders have none).
+        source_video, indices = getattr(source_clip, "source", ""), getattr(source_clip, "indices", [])
+        soundtrack = bool(source_video and indices) and mux_audio(video, source_video, *sampled_span(indices, fps))
+        panels = {"source": np.asarray(source_clip.frames), "motion": ref_skeletons, "edit": frames}
+        panel = write_mp4(labelled_side_by_side(panels, fps), out_dir / f"{name}.side_by_side.mp4", fps)
         settings = {
             "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
             "source": {"input": _describe_input(source), "content_hash": source_clip.content_hash},
@@ -586,7 +588,7 @@ class Editor:
             "frames": list(frames.shape),
             "fps": fps,
             "seconds": round(time.perf_counter() - started, 2),
-            "outputs": {"video": video.name, "side_by_side": panel.name},
+            "outputs": {"video": video.name, "side_by_side": panel.name, "soundtrack": soundtrack},
         }
         settings_path = atomic_write_json(out_dir / f"{name}.settings.json", settings)
         return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames,

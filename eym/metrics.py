@@ -26,7 +26,8 @@ Beyond the paper (only the pose and mask backends are needed):
 - Background preservation, over the pixels B outside dilate(M_source | M_edited):
       BG-PSNR = 10 log10(255^2 / MSE_B)      MSE_B pooled over B, all frames and channels
       BG-SSIM = mean over B of the SSIM map  (Wang et al. 2004: Gaussian window sigma 1.5,
-                                              K1 0.01, K2 0.03, L 255, per RGB channel)
+                                              K1 0.01, K2 0.03, L 255, per RGB channel;
+                                              scikit-image's structural_similarity)
 - Temporal stability: MAFD = 1/(n-1) sum_i mean|x_{i+1} - x_i| (0..255), and its ratio to the
   source's MAFD (1 = as steady as the source; above 1 = flicker the source does not have).
 
@@ -42,16 +43,17 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from eym.errors import EymError
+from eym.models import resolve_device
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 
 # Metric groups; each can be switched on or off as a whole (EvalConfig.metrics).
 GROUPS = ("clip", "lpips", "motion", "background", "temporal")
@@ -166,6 +168,34 @@ METRICS: tuple[tuple[str, bool | None, str], ...] = (
     ("MAFD", None, "temporal"),
     ("MAFD-ratio", None, "temporal"),
 )
+
+# Column headings of metric tables (the suite's results.md, the batch summary): arrows say which way is better.
+HEADINGS = {
+    "TA": "TA ↑", "TC": "TC ↑", "L-N": "L-N ↓", "L-S": "L-S ↓",
+    "PCK": "PCK ↑", "MKD": "MKD ↓", "DET": "Det ↑",
+    "BG-PSNR": "BG-PSNR ↑", "BG-SSIM": "BG-SSIM ↑",
+    "MAFD": "MAFD", "MAFD-ratio": "MAFD ratio",
+}  # fmt: skip
+
+
+def table_columns(names: Iterable[str]) -> list[str]:
+    """The metric names among ``names``, once each, in table order (:data:`METRICS`)."""
+    present = set(names)
+    return [name for name, _, _ in METRICS if name in present]
+
+
+def format_value(value: float | None, name: str) -> str:
+    """A metric as a table shows it: dB and pixel levels to 2 decimals, the rest to 3; ``n/a`` when unavailable."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if name in ("BG-PSNR", "MAFD") else f"{value:.3f}"
+
+
+def csv_value(value: float | None) -> str:
+    """A metric as a CSV cell: the full float, empty when unavailable."""
+    return "" if value is None else repr(float(value))
 
 
 def _json_float(v: float | None) -> float | str | None:
@@ -303,30 +333,26 @@ def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: flo
 
     SSIM = ((2 mu_a mu_b + C1)(2 s_ab + C2)) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
     C1 = (0.01 L)^2, C2 = (0.03 L)^2, local statistics under a Gaussian window (sigma 1.5, 11
-    taps, reflected borders) with population (not sample) covariance, as skimage's
-    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+    taps, reflected borders), population covariance: scikit-image's ``structural_similarity``.
 
     Args:
         a, b: (H, W) or (H, W, C) images.
     Returns:
         (H, W) or (H, W, C) float64 map.
     """
-    import cv2
+    from skimage.metrics import structural_similarity
 
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    radius = int(3.5 * sigma + 0.5)  # skimage/scipy's truncate=3.5
-    ksize = (2 * radius + 1, 2 * radius + 1)
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(x, ksize, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    # skimage refuses images smaller than its window; the Gaussian itself is set by sigma, the
+    # window size only decides that check and the border crop of the mean (unused here).
+    side = min(a.shape[:2])
+    win_size = min(2 * int(3.5 * sigma + 0.5) + 1, side if side % 2 else side - 1)
+    _, full = structural_similarity(
+        a, b, win_size=max(win_size, 1), gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+        data_range=data_range, channel_axis=-1 if a.ndim == 3 else None, full=True,
+    )
+    return full
 
 
 def ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> float:
@@ -356,15 +382,6 @@ def mean_abs_frame_difference(frames: np.ndarray) -> tuple[float, list[float]]:
 # ---------------------------------------------------------------------------------------------
 _CLIP_CACHE: dict[tuple[str, str], "ClipEmbedder"] = {}
 _LPIPS_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise EymError(f"device={device!r} is not a torch device; use cpu, cuda or auto") from err
 
 
 class ClipEmbedder:

@@ -121,7 +121,7 @@ def load_components(
         EymError: a path that does not exist or is not a model, a hub id that is neither cached
             nor downloadable (offline), a device that is not available.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -168,13 +168,18 @@ def load_components(
     return components
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """A torch device by name: ``None`` or ``"auto"`` is CUDA if available, else the CPU.
+
+    Raises:
+        EymError: not a device name, or CUDA asked for on a machine without it.
+    """
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise EymError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from e
+        raise EymError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EymError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
     return device

@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -36,11 +36,11 @@ from eym.env import eym_home
 from eym.masks import fill_empty_masks, get_mask_backend
 from eym.probe import ProbeLimits, probe
 from eym.pose import KEYPOINT_NAMES, NUM_KEYPOINTS, draw_skeletons, empty_frames, fill_missing, get_pose_backend
-from eym.video import RESIZE_MODES, VideoLimits, list_frame_files, read_video, write_mp4
+from eym.progress import ProgressCallback
+from eym.video import RESIZE_MODES, VideoLimits, contact_sheet, list_frame_files, read_video, write_mp4
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 CACHE_VERSION = 1  # bump when the output of preprocessing changes, so old entries are not reused
 POSE_BACKENDS = ("auto", "mediapipe", "openpose")
 MASK_BACKENDS = ("mediapipe", "rembg")
@@ -184,11 +184,10 @@ def load_keypoints(path: str | os.PathLike) -> tuple[np.ndarray, list[int]]:
 def preview_strip(clip: Clip, count: int = PREVIEW_FRAMES, side: int = PREVIEW_SIDE) -> np.ndarray:
     """Up to ``count`` thumbnails side by side: frames over skeletons over masks. ``(rows*side, n*side, 3)``."""
     picks = np.unique(np.round(np.linspace(0, clip.num_frames - 1, min(count, clip.num_frames))).astype(int))
-    rows = [clip.frames[picks], clip.skeletons[picks]]
+    rows = {"frames": clip.frames[picks], "skeletons": clip.skeletons[picks]}
     if clip.has_masks:
-        rows.append(np.repeat(clip.masks[picks, :, :, None].astype(np.uint8) * 255, 3, axis=-1))
-    thumbs = [np.concatenate([cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA) for im in row], axis=1) for row in rows]
-    return np.concatenate(thumbs, axis=0)
+        rows["masks"] = np.repeat(clip.masks[picks, :, :, None].astype(np.uint8) * 255, 3, axis=-1)
+    return contact_sheet(rows, cell=side, label_width=0)
 
 
 def write_clip(clip: Clip, folder: str | os.PathLike) -> Path:

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eym.progress import ProgressCallback
 from eym.spacetime import batch_to_frames, frames_to_batch, space_time_kwargs
 
 logger = logging.getLogger(__name__)
 
 EpsFn = Callable[[torch.Tensor, int, "list[int] | None"], torch.Tensor]
-ProgressCallback = Callable[[str, int, int], None]
 
 __all__ = [
     "EpsFn",

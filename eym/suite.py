@@ -33,7 +33,6 @@ import csv
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,11 +44,11 @@ from tqdm.auto import tqdm
 from eym.cache import atomic_write_bytes, atomic_write_json, building, hash_path, load_entry, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
-from eym.metrics import METRICS, EvalConfig, EvalReport, evaluate
+from eym.metrics import HEADINGS, METRICS, EvalConfig, EvalReport, csv_value, evaluate, format_value, table_columns
+from eym.progress import ProgressCallback
+from eym.video import contact_sheet
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
 
 PAIRS_DIR = "pairs"
 METRICS_FILE = "metrics.json"
@@ -57,45 +56,9 @@ CONTACT_SHEET = "contact_sheet.png"
 EDITED_VIDEO = "edited.mp4"
 CELL = 160  # contact sheet cell side, pixels
 
-# Column headings of the table: the paper's four with their arrows, then ours.
-_HEADINGS = {
-    "TA": "TA ↑", "TC": "TC ↑", "L-N": "L-N ↓", "L-S": "L-S ↓",
-    "PCK": "PCK ↑", "MKD": "MKD ↓", "DET": "Det ↑",
-    "BG-PSNR": "BG-PSNR ↑", "BG-SSIM": "BG-SSIM ↑",
-    "MAFD": "MAFD", "MAFD-ratio": "MAFD ratio",
-}
-
-
 # ---------------------------------------------------------------------------------------------
-# Contact sheet
+# Contact sheet (laid out by eym.video.contact_sheet)
 # ---------------------------------------------------------------------------------------------
-def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = CELL, label_width: int = 96) -> np.ndarray:
-    """Stack videos as labelled rows of frames: one row per video, one column per frame.
-
-    Args:
-        rows: label -> (F, H, W, 3) uint8 frames; every video has the same F.
-        cell: side of each (square) cell in pixels; frames are resized to fit it.
-        label_width: width of the label strip on the left.
-    Returns:
-        (len(rows) * cell, label_width + F * cell, 3) uint8 RGB image.
-    """
-    import cv2
-
-    counts = {label: len(v) for label, v in rows.items()}
-    if len(set(counts.values())) != 1:
-        raise EymError(f"contact sheet rows have different frame counts {counts}")
-    strips = []
-    for label, frames in rows.items():
-        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
-        strip = np.full((cell, label_width, 3), 255, np.uint8)
-        scale = 0.4 * cell / 160
-        for i, word in enumerate(label.split()):  # one word per line keeps labels inside the strip
-            cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
-                        scale, (0, 0, 0), 1, cv2.LINE_AA)
-        strips.append(np.concatenate([strip, *cells], axis=1))
-    return np.concatenate(strips, axis=0)
-
-
 def write_png(image: np.ndarray, path: Path) -> Path:
     """Write an RGB uint8 image as PNG, atomically."""
     import cv2
@@ -109,14 +72,6 @@ def write_png(image: np.ndarray, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
-def _fmt(value: float | None, name: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.2f}" if name in ("BG-PSNR", "MAFD") else f"{value:.3f}"
-
-
 def mean_row(reports: dict[str, EvalReport]) -> dict[str, float | None]:
     """Mean of each metric over the pairs where it is available (None where it is nowhere)."""
     means: dict[str, float | None] = {}
@@ -129,8 +84,7 @@ def mean_row(reports: dict[str, EvalReport]) -> dict[str, float | None]:
 
 def _columns(reports: dict[str, EvalReport]) -> list[str]:
     """The metric columns any report has, in table order."""
-    present = {n for r in reports.values() for n in r.metrics}
-    return [n for n, _, _ in METRICS if n in present]
+    return table_columns(n for r in reports.values() for n in r.metrics)
 
 
 def table_markdown(reports: dict[str, EvalReport], sheets: dict[str, str] | None = None) -> str:
@@ -141,12 +95,12 @@ def table_markdown(reports: dict[str, EvalReport], sheets: dict[str, str] | None
         sheets: pair name -> contact sheet path relative to the table (linked under the table).
     """
     cols = _columns(reports)
-    lines = ["| Pair | " + " | ".join(_HEADINGS[c] for c in cols) + " |",
+    lines = ["| Pair | " + " | ".join(HEADINGS[c] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, report in reports.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(report.metrics[c].value, c) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_value(report.metrics[c].value, c) for c in cols) + " |")
     means = mean_row(reports)
-    lines.append(f"| **mean ({len(reports)})** | " + " | ".join(_fmt(means[c], c) for c in cols) + " |")
+    lines.append(f"| **mean ({len(reports)})** | " + " | ".join(format_value(means[c], c) for c in cols) + " |")
     reasons = {}
     for report in reports.values():
         for c in cols:
@@ -165,13 +119,10 @@ def table_csv(reports: dict[str, EvalReport]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["pair", *cols])
 
-    def cell(v: float | None) -> str:
-        return "" if v is None else repr(float(v))
-
     for name, report in reports.items():
-        writer.writerow([name, *(cell(report.metrics[c].value) for c in cols)])
+        writer.writerow([name, *(csv_value(report.metrics[c].value) for c in cols)])
     means = mean_row(reports)
-    writer.writerow(["mean", *(cell(means[c]) for c in cols)])
+    writer.writerow(["mean", *(csv_value(means[c]) for c in cols)])
     return buf.getvalue()
 
 
@@ -290,7 +241,7 @@ def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig | None, get_
         # drawn at the cell size: limbs keep ControlNet's stroke widths instead of being rescaled
         "reference skeleton": draw_skeletons(driving, CELL, CELL),
         "edited": result.frames,
-    })
+    }, cell=CELL)
     write_png(sheet, folder / CONTACT_SHEET)
     return report
 

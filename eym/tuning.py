@@ -45,10 +45,10 @@ from eym.cache import atomic_write_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ranges
+from eym.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
 LogFn = Callable[[dict], None]
 
 CHECKPOINT = "checkpoint.pt"

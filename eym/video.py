@@ -11,6 +11,9 @@ fps divided by the (mean) step between taken frames.
 Writing: :func:`write_mp4` pipes raw RGB into the ffmpeg binary that imageio-ffmpeg ships and
 encodes H.264 yuv420p with ``+faststart``, the one mp4 flavour every browser plays; it writes
 under a temporary name and renames, so a reader never sees half a file.
+
+Composition and sound go through moviepy: :func:`labelled_side_by_side` (panels with labels) and
+:func:`mux_audio` (the source's soundtrack over the span the sampled frames cover).
 """
 
 from __future__ import annotations
@@ -435,6 +438,14 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, *, crf: i
     return path
 
 
+def _to_height(video: np.ndarray, height: int) -> np.ndarray:
+    """Scale ``(F, h, w, 3)`` frames to ``height`` rows, aspect kept."""
+    if video.shape[1] == height:
+        return video
+    width = max(1, round(video.shape[2] * height / video.shape[1]))
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in video])
+
+
 def side_by_side(*videos: np.ndarray) -> np.ndarray:
     """Put videos next to each other: ``(F, H, W_i, 3)`` each -> ``(F, H, sum W_i, 3)``.
 
@@ -443,12 +454,148 @@ def side_by_side(*videos: np.ndarray) -> np.ndarray:
     if not videos:
         raise ValueError("side_by_side needs at least one video")
     num_frames, height = videos[0].shape[0], videos[0].shape[1]
-    parts = []
     for video in videos:
         if video.shape[0] != num_frames:
             raise ValueError(f"all videos need {num_frames} frames, got {video.shape[0]}")
-        if video.shape[1] != height:
-            width = max(1, round(video.shape[2] * height / video.shape[1]))
-            video = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in video])
-        parts.append(video)
-    return np.concatenate(parts, axis=2)
+    return np.concatenate([_to_height(video, height) for video in videos], axis=2)
+
+
+def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: int = 96) -> np.ndarray:
+    """Stack videos as labelled rows of frames: one row per video, one column per frame.
+
+    Args:
+        rows: label -> (F, H, W, 3) uint8 frames; every video has the same F.
+        cell: side of each (square) cell in pixels; frames are resized to fit it.
+        label_width: width of the label strip on the left; 0 for none (the labels are then unused).
+    Returns:
+        (len(rows) * cell, label_width + F * cell, 3) uint8 RGB image.
+    """
+    counts = {label: len(v) for label, v in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise EymError(f"contact sheet rows have different frame counts {counts}")
+    strips = []
+    for label, frames in rows.items():
+        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
+        strip = np.full((cell, label_width, 3), 255, np.uint8)
+        scale = 0.4 * cell / 160
+        for i, word in enumerate(label.split() if label_width else []):  # one word per line keeps labels inside the strip
+            cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (0, 0, 0), 1, cv2.LINE_AA)
+        strips.append(np.concatenate([strip, *cells], axis=1))
+    return np.concatenate(strips, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition and sound (moviepy)
+# ---------------------------------------------------------------------------------------------
+def labelled_side_by_side(videos: dict[str, np.ndarray], fps: float) -> np.ndarray:
+    """:func:`side_by_side` with each panel's label (e.g. "source", "motion", "edit") in its top-left corner.
+
+    moviepy lays the panels out (``clips_array``) and renders the labels (``TextClip``, Pillow's
+    scalable default font, white on black); the frames come back as an array so that
+    :func:`write_mp4` encodes them.
+
+    Args:
+        videos: label -> ``(F, H_i, W_i, 3)`` uint8 frames, in panel order; heights are scaled to the first's.
+        fps: frames per second of the videos (sets the clips' timing only).
+
+    Returns:
+        ``(F, H, sum W_i, 3)`` uint8: outside its label every panel is its video, unchanged.
+    """
+    from moviepy import CompositeVideoClip, ImageSequenceClip, TextClip, clips_array
+
+    if not videos:
+        raise ValueError("labelled_side_by_side needs at least one video")
+    first = next(iter(videos.values()))
+    num_frames, height = first.shape[0], first.shape[1]
+    panels = []
+    for label, video in videos.items():
+        if video.shape[0] != num_frames:
+            raise ValueError(f"all videos need {num_frames} frames, got {video.shape[0]} for {label!r}")
+        clip = ImageSequenceClip(list(_to_height(np.asarray(video, np.uint8), height)), fps=fps)
+        font_size = max(10, height // 18)
+        pad = max(2, font_size // 4)  # Pillow's metrics leave no room above the caps: pad, or they are cut
+        text = TextClip(text=label, font_size=font_size, color="white", bg_color="black", margin=(pad, pad, pad, 2 * pad))
+        panels.append(CompositeVideoClip([clip, text.with_duration(clip.duration).with_position((0, 0))]))
+    grid = clips_array([panels])
+    # Sample the middle of each frame's display interval: t = i / fps can land on the previous frame.
+    frames = [grid.get_frame((i + 0.5) / fps) for i in range(num_frames)]
+    return np.stack(frames).astype(np.uint8)
+
+
+def sampled_span(indices: list[int], fps: float) -> tuple[float, float]:
+    """The stretch of the source, in seconds, that a sampled sequence plays: ``(start_s, duration_s)``.
+
+    Args:
+        indices: the source frames taken (:attr:`Video.indices`), increasing.
+        fps: fps of the sampled sequence (:attr:`Video.fps`), which plays in real time.
+
+    Returns:
+        Start of the first taken frame and the sequence's duration ``len(indices) / fps``.
+    """
+    if not indices or not fps > 0:
+        raise ValueError(f"need taken frames and a positive fps, got {len(indices)} frames at {fps}")
+    step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1.0
+    source_fps = fps * max(step, 1e-6)
+    return indices[0] / source_fps, len(indices) / fps
+
+
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether a file has an audio stream (a frame folder or an unreadable file has none)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return False
+
+
+def mux_audio(video: str | os.PathLike, source: str | os.PathLike, start_s: float, duration_s: float) -> bool:
+    """Give ``video`` the soundtrack of ``source`` from ``start_s`` for ``duration_s`` seconds, atomically.
+
+    moviepy cuts the span out of the source's audio and encodes it as AAC; ffmpeg then copies the
+    video stream as it is next to it (no second H.264 encode, ``+faststart`` kept). A source
+    without audio, or audio that cannot be read, leaves ``video`` as it was (silent).
+
+    Args:
+        video: an mp4 written by :func:`write_mp4`; replaced in place.
+        source: the video the frames were sampled from.
+        start_s, duration_s: the span, e.g. from :func:`sampled_span`.
+
+    Returns:
+        True when a soundtrack was added.
+    """
+    import subprocess
+    import tempfile
+
+    import imageio_ffmpeg
+    from moviepy import AudioFileClip
+
+    video = Path(video)
+    if not has_audio(source):
+        return False
+    with tempfile.TemporaryDirectory(prefix="eym-audio-") as tmp_dir:
+        track = Path(tmp_dir) / "track.m4a"
+        try:
+            with AudioFileClip(str(source)) as audio:
+                end_s = min(start_s + duration_s, audio.duration)
+                if end_s - start_s <= 1e-3:
+                    logger.info("%s: no sound in %.2f-%.2f s; %s stays silent", source, start_s, start_s + duration_s, video.name)
+                    return False
+                audio.subclipped(start_s, end_s).write_audiofile(str(track), codec="aac", bitrate="192k", logger=None)
+        except (OSError, ValueError, KeyError) as err:  # moviepy's reader raises these for unreadable audio
+            logger.warning("%s: soundtrack not readable (%s); %s stays silent", source, err, video.name)
+            return False
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-i", str(track),
+                   "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart"]
+        try:
+            with atomic_output(video, suffix=".mp4") as out:
+                subprocess.run([*command, str(out)], capture_output=True, text=True, check=True)
+        except subprocess.CalledProcessError as err:  # the temporary file is gone; video is untouched
+            logger.warning("%s: soundtrack not added (%s); %s stays silent", source, err.stderr.strip()[:200], video.name)
+            return False
+    return True

@@ -87,3 +87,14 @@ def tiny_components(tiny_bundle):
     from eym.models import load_components
 
     return load_components(str(tiny_bundle), dtype=None, device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs ../shared/media (through the ``media`` fixture) is marked ``media``, so
+    ``-m "not media"`` is a clean checkout's run; ``slow`` tests (real weights) run only with RUN_SLOW=1."""
+    run_slow = os.environ.get("RUN_SLOW") == "1"
+    for item in items:
+        if "media" in getattr(item, "fixturenames", ()) and item.get_closest_marker("media") is None:
+            item.add_marker(pytest.mark.media)
+        if item.get_closest_marker("slow") is not None and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="needs real weights and a GPU: run with RUN_SLOW=1"))

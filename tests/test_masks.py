@@ -54,3 +54,39 @@ def test_unknown_and_missing_rembg(monkeypatch, tmp_path):
     (tmp_path / "u2net.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(EymError, match="cannot be loaded"):
         get_mask_backend("rembg")
+
+
+def _write_red_detector(path) -> None:
+    """A one-layer ONNX model in U^2-Net's interface: (1, 3, 320, 320) -> (1, 1, 320, 320), red minus green."""
+    import onnx  # a test dependency (requirements-dev.txt)
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [1.0, -1.0, 0.0])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input.1", "w"], ["d0"])],
+        "red_detector",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 320, 320])],
+        [helper.make_tensor_value_info("d0", TensorProto.FLOAT, [1, 1, 320, 320])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # what onnxruntime reads
+    onnx.save(model, str(path))
+
+
+def test_rembg_masks_through_rembgs_api(monkeypatch, tmp_path):
+    # Any U^2-Net-shaped model runs through rembg's session and remove(); this one marks red pixels.
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+    _write_red_detector(tmp_path / "u2net.onnx")
+    frames = np.zeros((2, 96, 128, 3), np.uint8)
+    frames[..., 1] = 255  # green background
+    truth = np.zeros((2, 96, 128), bool)
+    truth[0, 20:60, 30:70] = True
+    truth[1, 40:90, 60:120] = True
+    frames[truth] = (255, 0, 0)
+    backend = get_mask_backend("rembg")
+    assert backend.name == "rembg"
+    masks = backend.segment(frames)
+    assert masks.shape == truth.shape and masks.dtype == bool
+    for mask, gt in zip(masks, truth):
+        assert (mask & gt).sum() / (mask | gt).sum() > 0.95  # only resampling blurs the edges

@@ -162,3 +162,13 @@ def test_cuda_unavailable_is_clear_error():
         pytest.skip("CUDA present")
     with pytest.raises(EymError, match="CUDA is not available"):
         load_components("tiny", device="cuda")
+
+
+def test_resolve_device_names():
+    from eym.models import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == resolve_device("auto").type == expected
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(EymError, match="not a torch device"):
+        resolve_device("gpu0")

@@ -7,30 +7,14 @@ import csv
 import io
 import json
 import math
-import numpy as np
 import pytest
 
 from eym import suite as S
-from eym.errors import EymError
 from eym.metrics import EvalReport, Metric
 
 
 def _report(**values: float | None) -> EvalReport:
     return EvalReport({k: Metric(k, v, True, None if v is not None else "no weights") for k, v in values.items()}, {})
-
-
-def test_contact_sheet_layout():
-    F, H = 3, 20
-    rows = {name: np.full((F, H, H, 3), value, np.uint8) for name, value in
-            (("source", 10), ("reference skeleton", 120), ("edited", 250))}
-    sheet = S.contact_sheet(rows, cell=32, label_width=40)
-    assert sheet.shape == (3 * 32, 40 + F * 32, 3) and sheet.dtype == np.uint8
-    # each row holds its video's frames, one cell per frame, after the label strip
-    for r, value in enumerate((10, 120, 250)):
-        assert (sheet[r * 32:(r + 1) * 32, 40:] == value).all()
-    assert (sheet[:, :40] < 255).any()  # labels were drawn
-    with pytest.raises(EymError, match="frame counts"):
-        S.contact_sheet({"a": np.zeros((2, 8, 8, 3), np.uint8), "b": np.zeros((3, 8, 8, 3), np.uint8)})
 
 
 def test_tables_have_paper_layout_and_mean_row():

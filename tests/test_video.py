@@ -14,6 +14,7 @@ import pytest
 from eym.errors import EymError
 from eym.video import (
     VideoLimits,
+    contact_sheet,
     count_frames,
     list_frame_files,
     read_video,
@@ -101,6 +102,22 @@ def test_side_by_side_concatenates_widths():
 # ---------------------------------------------------------------------------------------------
 # Frame folders
 # ---------------------------------------------------------------------------------------------
+def test_contact_sheet_layout():
+    F, H = 3, 20
+    rows = {name: np.full((F, H, H, 3), value, np.uint8) for name, value in
+            (("source", 10), ("reference skeleton", 120), ("edited", 250))}
+    sheet = contact_sheet(rows, cell=32, label_width=40)
+    assert sheet.shape == (3 * 32, 40 + F * 32, 3) and sheet.dtype == np.uint8
+    # each row holds its video's frames, one cell per frame, after the label strip
+    for r, value in enumerate((10, 120, 250)):
+        assert (sheet[r * 32:(r + 1) * 32, 40:] == value).all()
+    assert (sheet[:, :40] < 255).any()  # labels were drawn
+    bare = contact_sheet(rows, cell=32, label_width=0)  # no label strip: the preview.png layout
+    np.testing.assert_array_equal(bare, sheet[:, 40:])
+    with pytest.raises(EymError, match="frame counts"):
+        contact_sheet({"a": np.zeros((2, 8, 8, 3), np.uint8), "b": np.zeros((3, 8, 8, 3), np.uint8)})
+
+
 def test_frame_folder_sorts_numerically(tmp_path):
     for n in (10, 2, 1, 33, 3):
         image = np.full((20, 20, 3), n, np.uint8)
@@ -220,3 +237,63 @@ def test_bad_size_and_mode(mp4):
         read_video(mp4, size=100)
     with pytest.raises(EymError, match="resize_mode"):
         read_video(mp4, resize_mode="stretch")
+
+
+# ---------------------------------------------------------------------------------------------
+# labelled panels and soundtracks (moviepy)
+# ---------------------------------------------------------------------------------------------
+def test_labelled_side_by_side_is_side_by_side_plus_labels():
+    from eym.video import labelled_side_by_side
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)  # scaled to 96 rows, as side_by_side does
+    out = labelled_side_by_side({"source": a, "edit": b}, fps=8.0)
+    plain = side_by_side(a, b)
+    assert out.shape == plain.shape and out.dtype == np.uint8
+    changed = (out != plain).any(axis=-1)  # (F, H, W)
+    rows, cols = np.nonzero(changed.any(axis=0))
+    # every frame keeps its own index (no frame repeated or dropped), and only the label corners differ
+    assert changed.any(axis=(1, 2)).all() and rows.max() < 96 // 4
+    assert cols.min() < 96 // 3 and ((cols >= 96) & (cols < 96 + 96 // 3)).any()  # one label per panel
+    np.testing.assert_array_equal(out[:, 96 // 4 :], plain[:, 96 // 4 :])
+    with pytest.raises(ValueError, match="frames"):
+        labelled_side_by_side({"source": a, "edit": b[:3]}, fps=8.0)
+
+
+def test_sampled_span_is_the_time_the_frames_cover():
+    from eym.video import sampled_span
+
+    assert sampled_span([24, 25, 26, 27], 24.0) == pytest.approx((1.0, 4 / 24))
+    # every 10th frame of a 30 fps video from frame 30: plays at 3 fps, covers 30..69 = 1 s .. 2.33 s
+    start, duration = sampled_span([30, 40, 50, 60], 3.0)
+    assert start == pytest.approx(1.0) and duration == pytest.approx(4 / 3)
+    assert sampled_span([12], 8.0) == pytest.approx((1.5, 1 / 8))
+
+
+def test_mux_audio_carries_the_matching_span(tmp_path):
+    from synthetic import dominant_frequency, write_video
+
+    from eym.video import has_audio, mux_audio, sampled_span
+
+    frames = _ramp_frames(48, 48, 64)
+    source = write_video(tmp_path / "source.mp4", frames, 24.0, tones=[(440.0, 1.0), (1320.0, 1.0)])
+    edited = write_mp4(frames[24:], tmp_path / "edited.mp4", 24.0)  # the second second, as an edit of it
+    before = read_video(edited, num_frames=None, size=None).frames
+    assert has_audio(source) and not has_audio(edited)
+    assert mux_audio(edited, source, *sampled_span(list(range(24, 48)), 24.0))
+    frequency, duration = dominant_frequency(edited)
+    assert frequency == pytest.approx(1320.0, abs=20.0) and duration == pytest.approx(1.0, abs=0.1)
+    np.testing.assert_array_equal(read_video(edited, num_frames=None, size=None).frames, before)  # video copied, not re-encoded
+    with av.open(str(edited)) as container:
+        assert container.streams.video[0].codec_context.name == "h264" and container.streams.audio[0].codec_context.name == "aac"
+    # the first second is the other tone; no source audio (or a frame folder) leaves the file silent
+    first = write_mp4(frames[:24], tmp_path / "first.mp4", 24.0)
+    assert mux_audio(first, source, 0.0, 1.0) and dominant_frequency(first)[0] == pytest.approx(440.0, abs=20.0)
+    silent = write_mp4(frames, tmp_path / "silent.mp4", 24.0)
+    data = silent.read_bytes()
+    assert not mux_audio(silent, edited.with_name("nothing.mp4"), 0.0, 1.0)
+    assert not mux_audio(silent, tmp_path, 0.0, 1.0)
+    assert not mux_audio(silent, source, 5.0, 1.0)  # past the end of the soundtrack
+    assert silent.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["source.mp4", "edited.mp4", "first.mp4", "silent.mp4"])
