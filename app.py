@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eym.env import allow_cpu_from_env  # noqa: E402
 from eym.errors import EymError  # noqa: E402
 
 logger = logging.getLogger("eym.app")
@@ -73,7 +74,8 @@ class AppOptions:
 def default_controls(is_tiny: bool) -> dict[str, Any]:
     """Initial control values: the paper's settings, or seconds-long ones on the tiny bundle."""
     if is_tiny:
-        return {"num_frames": 8, "size": 64, "stage1_steps": 2, "stage2_steps": 2, "ddim_steps": 3}
+        # 128 px: mediapipe finds the person in the README's TaiChi-HD clips (at 64 px it misses some frames)
+        return {"num_frames": 8, "size": 128, "stage1_steps": 2, "stage2_steps": 2, "ddim_steps": 3}
     return {"num_frames": 8, "size": 512, "stage1_steps": 300, "stage2_steps": 300, "ddim_steps": 50}
 
 
@@ -282,8 +284,22 @@ def _model_info(editor: Any) -> tuple[str, bool]:
     return line, bool(getattr(components, "is_tiny", False))
 
 
-def _header_html(model_line: str, is_tiny: bool) -> str:
-    banner = ""
+def _device_banner(device: Any, allow_cpu: bool) -> str:
+    """The "no usable GPU" banner for a real model on the CPU (empty when there is a GPU)."""
+    if device is None or device.gpu:
+        return ""
+    why = device.reason or "this machine has no CUDA GPU"
+    consequence = ("It runs on the CPU, as its operator chose: an edit takes hours, not minutes."
+                   if allow_cpu else "Edits are switched off here, because on the CPU one would take hours.")
+    return ('<div id="device-banner" class="eym-banner eym-banner-warn">'
+            f"<b>No usable GPU.</b> {_escape(why[0].upper() + why[1:])}. {consequence} "
+            "If you run this app: start it on a GPU with a torch build that matches the driver "
+            "(docs/DEPLOY.md), or allow the CPU explicitly with <code>--allow-cpu</code> "
+            "(<code>EYM_ALLOW_CPU=1</code>).</div>")
+
+
+def _header_html(model_line: str, is_tiny: bool, device_banner: str = "") -> str:
+    banner = device_banner
     if is_tiny:
         banner = (
             '<div id="tiny-banner" class="eym-banner">'
@@ -292,7 +308,7 @@ def _header_html(model_line: str, is_tiny: bool) -> str:
             "are noise. To edit for real, start it with <code>--model</code> (a hub id, a diffusers "
             "folder or a .safetensors file of SD 1.5) and <code>--controlnet</code> (openpose), or "
             "set <code>EYM_MODEL</code> / <code>EYM_CONTROLNET</code>.</div>"
-        )
+        ) + banner
     return (
         '<div class="eym-header"><h1>Edit-Your-Motion</h1>'
         "<p>One-shot video motion editing: keep the person and the background of the source video, "
@@ -318,7 +334,8 @@ def _prompts_markdown(prompts) -> str:
 
 def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAULT_GALLERY,
                outputs_dir: str | Path = "outputs", max_upload_mb: int = 200,
-               model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1) -> gr.Blocks:
+               model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1,
+               device: Any = None, allow_cpu: bool = False) -> gr.Blocks:
     """Build the page (no launch, no model loading).
 
     Args:
@@ -331,6 +348,9 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         model_line: the loaded model, shown at the top (default: from the editor's components).
         is_tiny: show the tiny-model banner (default: from the editor's components).
         concurrency: edits that may run at once (the rest wait in the queue, position shown).
+        device: ``eym.env.DeviceReport`` of this machine (default: detected); with a real model
+            and no usable GPU the page says so, and edits are refused unless ``allow_cpu``.
+        allow_cpu: the operator chose to run a real model on the CPU (``--allow-cpu``).
     Returns:
         The ``gr.Blocks``; call ``.queue(...)`` and ``.launch(...)`` on it (``main`` does).
     Raises:
@@ -349,6 +369,11 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         model_line = model_line if model_line is not None else line
         is_tiny = is_tiny if is_tiny is not None else tiny
     defaults = default_controls(bool(is_tiny))
+    if device is None and not is_tiny:
+        from eym.env import detect_device
+
+        device = detect_device()
+    device_html = "" if is_tiny else _device_banner(device, allow_cpu)
     cancel_flags: dict[str, threading.Event] = {}  # session hash -> Cancel pressed (cache keyed per session)
 
     def cancel_flag(request: gr.Request | None) -> threading.Event:
@@ -370,7 +395,9 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         except EymError as err:
             raise gr.Error(str(err), print_exception=False) from None
         missing = f"; no person found in frame(s) {', '.join(map(str, src.missing))} (filled in)" if src.missing else ""
-        info = f"{len(src.frames)} frames at {src.fps:.3g} fps, {config.size}x{config.size}{missing}{ref_note}"
+        from eym.preprocess import clip_span
+
+        info = f"{len(src.frames)} frames, {clip_span(src)}, {config.size}x{config.size}{missing}{ref_note}"
         return strip(src.frames), strip(src.skeletons), strip(mask_overlay(src.frames, src.masks)), ref_strip, info
 
     def on_prompts(subject, source_motion, target_motion, p_c, p_s, p_t):
@@ -419,13 +446,19 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                    ddim_steps=ddim_steps, inject_fraction=inject_fraction,
                                    inject_layers=inject_layers, retarget=retarget)
+            editor = get_editor()
+            from eym.env import check_cpu_choice
+
+            components = getattr(editor, "components", None)
+            check_cpu_choice(is_tiny=bool(getattr(components, "is_tiny", True)), allow_cpu=allow_cpu, report=device,
+                             device=getattr(getattr(components, "device", None), "type", "cpu"))
             relay("preprocess", 0, 2)
             src = load_source(source, config, limits)
             relay("preprocess", 1, 2)
             # the editor retargets (EditConfig.infer.retarget), so it gets the skeletons as detected
             ref = load_motion(mode, reference, preset, src, config, limits, retarget=False)
             relay("preprocess", 2, 2)
-            return run_job(get_editor(), src, ref, prompts, settings, outputs_dir, relay)
+            return run_job(editor, src, ref, prompts, settings, outputs_dir, relay)
         except JobCancelled:
             raise gr.Error("Cancelled. Nothing was written; start again when ready.", print_exception=False) from None
         except EymError as err:
@@ -433,7 +466,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
 
     # -- layout --------------------------------------------------------------------------------
     with gr.Blocks(title="Edit-Your-Motion", delete_cache=(3600, 24 * 3600)) as demo:
-        gr.HTML(_header_html(model_line, bool(is_tiny)))
+        gr.HTML(_header_html(model_line, bool(is_tiny), device_html))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 gr.Markdown("### 1. Source video: the person to keep")
@@ -461,7 +494,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             with gr.Row():
                 num_frames = gr.Slider(2, 32, value=defaults["num_frames"], step=1, label="Frames", elem_id="num-frames")
                 start = gr.Number(value=0, precision=0, minimum=0, label="Start frame", elem_id="start")
-                stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = spread over the clip)", elem_id="stride")
+                stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = auto: consecutive frames playing near 12 fps)", elem_id="stride")
                 size = gr.Dropdown(list(SIZES), value=defaults["size"], label="Resolution (px)", elem_id="size")
         gr.Markdown("### What the method will use", elem_classes=["eym-section"])
         preview_info = gr.Markdown("Upload a source video (or pick a demo pair) to see what the method will use.",
@@ -632,11 +665,31 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
+def default_bind() -> tuple[str, int]:
+    """Host and port from the platform: Spaces and containers set ``GRADIO_SERVER_NAME`` /
+    ``GRADIO_SERVER_PORT``; ``EYM_HOST`` / ``EYM_PORT`` next; loopback and 7860 otherwise."""
+    host = os.environ.get("GRADIO_SERVER_NAME") or os.environ.get("EYM_HOST") or "127.0.0.1"
+    port = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("EYM_PORT") or "7860"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise EymError(f"the port {port!r} (GRADIO_SERVER_PORT / EYM_PORT) is not a number; set it to e.g. 7860") from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="Edit-Your-Motion web app (Gradio)")
-    parser.add_argument("--host", default=os.environ.get("EYM_HOST", "127.0.0.1"),
-                        help="interface to listen on (0.0.0.0 in Docker); default 127.0.0.1 or $EYM_HOST")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("EYM_PORT", "7860")), help="default 7860")
+    try:
+        host, port = default_bind()
+    except EymError as err:
+        parser.error(str(err))
+    parser.add_argument("--host", default=host,
+                        help="interface to listen on; default $GRADIO_SERVER_NAME (set by Spaces and containers), "
+                             "else $EYM_HOST, else 127.0.0.1")
+    parser.add_argument("--port", type=int, default=port,
+                        help="default $GRADIO_SERVER_PORT, else $EYM_PORT, else 7860")
+    parser.add_argument("--allow-cpu", action="store_true", default=allow_cpu_from_env(),
+                        help="let a real model run on the CPU when no usable GPU is found (hours per edit; "
+                             "or $EYM_ALLOW_CPU=1); without it such edits are refused")
     parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
     parser.add_argument("--concurrency", type=int, default=1, help="edits running at once (default 1: one GPU job)")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
@@ -733,8 +786,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         clean_stale_tmp(outputs)  # leftovers of jobs killed mid-way in an earlier run
         editor = load_editor(args.model, args.controlnet, args.device, args.dtype)
         gallery = None if args.gallery.lower() == "none" else args.gallery
+        from eym.env import detect_device
+
+        device = detect_device()
+        components = editor.components
+        if not components.is_tiny and components.device.type == "cpu":
+            logger.warning("no usable GPU: %s; %s", device.reason or "no CUDA GPU found",
+                           "running the real model on the CPU as chosen (--allow-cpu): hours per edit" if args.allow_cpu
+                           else "edits are refused: run on a GPU with a torch build matching the driver "
+                                "(docs/DEPLOY.md) or pass --allow-cpu / EYM_ALLOW_CPU=1")
         demo = build_demo(editor, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
-                          concurrency=args.concurrency)
+                          concurrency=args.concurrency, device=device, allow_cpu=args.allow_cpu)
     except EymError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=8, help="number of frames to sample (default 8)")
     p.add_argument("--size", type=int, default=512, help="output side S, a multiple of 8 (default 512)")
     p.add_argument("--start", type=int, default=0, help="first source frame, 0-based (default 0)")
-    p.add_argument("--stride", type=int, default=None, help="take every N-th frame (default: spread frames over the whole video)")
+    p.add_argument("--stride", type=int, default=None, help="take every N-th frame (default: consecutive frames at the stride that plays near 12 fps, 1-3)")
     p.add_argument("--pose", choices=("auto", "mediapipe", "openpose"), default="auto", help="pose backend (default auto)")
     p.add_argument("--mask", choices=("mediapipe", "rembg"), default="mediapipe", help="person mask backend (default mediapipe)")
     p.add_argument("--resize", choices=("crop", "pad"), default="crop", help="fit to SxS by centre crop or padding (default crop)")
@@ -79,7 +79,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
 
 @_runner("preprocess")
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from eym.preprocess import PreprocessConfig, preprocess
+    from eym.preprocess import PreprocessConfig, clip_span, preprocess
 
     config = PreprocessConfig(
         num_frames=args.frames,
@@ -93,6 +93,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     clip = preprocess(args.video, config, out_dir=args.out, with_masks=not args.no_masks, progress=not args.quiet)
     log = logging.getLogger("eym")
     log.info("%d frames at %.3g fps, content hash %s", clip.num_frames, clip.fps, clip.content_hash[:12])
+    print(f"source: {clip_span(clip)}")
     if clip.missing:
         log.warning("no person found in frame(s) %s; they were filled from the nearest frame", clip.missing)
     print(args.out)
@@ -179,7 +180,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     s.add_argument("--frames", type=int, default=8, help="frames sampled from the source (default: %(default)s)")
     s.add_argument("--size", type=int, default=512, help="side of the square frames (default: %(default)s)")
     s.add_argument("--start", type=int, default=0, help="first source frame (default: %(default)s)")
-    s.add_argument("--stride", type=int, default=None, help="step between frames (default: spread over the video)")
+    s.add_argument("--stride", type=int, default=None, help="step between frames (default: the stride that plays near 12 fps, 1-3)")
     s.add_argument("--resize", default="crop", choices=["crop", "pad"], help="fit to SxS by centre crop or padding (default: %(default)s)")
     s.add_argument("--retarget", action=argparse.BooleanOptionalAction, default=True,
                    help="the edit retargeted the reference to the source person (the edit's default: on)")
@@ -274,6 +275,7 @@ def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
     g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--cache-dir", default=None, help="tuned-weights cache (default: $EYM_HOME/tuned)")
+    g.add_argument("--allow-cpu", action="store_true", help="let a real model run on the CPU (hours per edit; or EYM_ALLOW_CPU=1)")
     _add_edit_settings(p, "settings (a --settings file first, then these flags)", inference=reference)
 
 
@@ -330,8 +332,13 @@ def _load_editor(args: argparse.Namespace):
     from eym.editor import Editor
     from eym.models import DEFAULT_MODEL, describe, load_components
 
+    from eym.env import allow_cpu_from_env, check_cpu_choice, detect_device
+
     components = load_components(args.model or DEFAULT_MODEL, args.controlnet, device=args.device)
     logging.getLogger("eym").info("model: %s", describe(components))
+    if not components.is_tiny and components.device.type == "cpu":
+        check_cpu_choice(is_tiny=False, device="cpu", allow_cpu=args.allow_cpu or allow_cpu_from_env(),
+                         report=detect_device())
     return Editor(components, cache_dir=args.cache_dir, disable_progress=args.quiet)
 
 
@@ -400,6 +407,9 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
     prompts = _editor_prompts(args)
     editor = _load_editor(args)
     source = editor.load_source(args.source, config)
+    from eym.preprocess import clip_span
+
+    print(f"source: {clip_span(source)}")
     tuned = None
     if not tune:
         tuned = editor.open_tuned(args.tuned) if args.tuned else editor.find_tuned(source, prompts, config.tune)
