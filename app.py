@@ -226,25 +226,33 @@ def mask_overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
 # Progress
 # ---------------------------------------------------------------------------------------------
 class ProgressRelay:
-    """Turns the library's callback(stage, step, total) into one gr.Progress bar; checks Cancel."""
+    """Turns the library's callback(stage, step, total) into one gr.Progress bar; checks Cancel.
 
-    def __init__(self, progress: Callable[..., Any] | None, cancel: threading.Event):
+    The bar is weighted by each stage's expected time (``eym.estimate.WeightedProgress``) and
+    its label shows the elapsed time and an ETA.
+    """
+
+    def __init__(self, progress: Callable[..., Any] | None, cancel: threading.Event,
+                 expected: dict[str, float] | None = None):
+        from eym.estimate import STAGE_ORDER, WeightedProgress
+
         self.progress = progress
         self.cancel = cancel
         self.seen: list[str] = []  # stages in the order they reported (for the status line)
+        self.plan = WeightedProgress(expected if expected is not None else {s: 1.0 for s in STAGE_ORDER})
 
     def __call__(self, stage: str, step: int, total: int) -> None:
+        from eym.estimate import format_seconds
+
         if self.cancel.is_set():
             raise JobCancelled()
         if stage not in self.seen:
             self.seen.append(stage)
-        order = list(STAGES)
-        index = order.index(stage) if stage in order else len(order) - 1
-        total = max(int(total), 1)
-        fraction = (index + min(step, total) / total) / len(order)
+        fraction, elapsed, left = self.plan.update(stage, step, total)
         label = STAGES.get(stage, stage)
+        clock = f"{format_seconds(elapsed)} elapsed" + (f", about {format_seconds(left)} left" if left is not None else "")
         if self.progress is not None:
-            self.progress(fraction, desc=f"{label} ({step}/{total})")
+            self.progress(fraction, desc=f"{label} ({step}/{max(int(total), 1)}) - {clock}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +382,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
 
         device = detect_device()
     device_html = "" if is_tiny else _device_banner(device, allow_cpu)
+    figures = _step_figures(device, bool(is_tiny))
     cancel_flags: dict[str, threading.Event] = {}  # session hash -> Cancel pressed (cache keyed per session)
 
     def cancel_flag(request: gr.Request | None) -> threading.Event:
@@ -427,6 +436,22 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             entry.stride if entry.stride is not None else gr.update(),
         )
 
+    def run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps):
+        from eym.estimate import estimate
+
+        if figures is None:
+            return None
+        return estimate(num_frames=int(num_frames or 1), size=int(size or 512), steps1=int(stage1_steps or 0),
+                        steps2=int(stage2_steps or 0), ddim_steps=int(ddim_steps or 1), figures=figures)
+
+    def on_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps):
+        found = run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps)
+        if found is None:
+            return ("**Estimate:** no measured figures for this model on a CPU; expect hours per edit. "
+                    "A second edit of the same source skips tuning.")
+        return (f"**Estimate:** {_escape(found.describe())}. A second edit of the same source skips tuning "
+                f"(about {_format_seconds(found.total - found.stages['stage1'] - found.stages['stage2'])}).")
+
     def on_cancel(request: gr.Request):
         cancel_flag(request).set()
         gr.Info("Cancelling: the job stops at its next step and leaves nothing behind.")
@@ -437,7 +462,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 request: gr.Request, progress=gr.Progress()):
         flag = cancel_flag(request)
         flag.clear()
-        relay = ProgressRelay(progress, flag)
+        planned = run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps)
+        relay = ProgressRelay(progress, flag, planned.stages if planned is not None else None)
         try:
             if not source:
                 raise EymError("upload a source video first (or pick a demo pair from the gallery)")
@@ -537,6 +563,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         with gr.Row():
             run = gr.Button("Edit motion", variant="primary", elem_id="run", scale=3)
             cancel = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+        estimate_view = gr.Markdown(on_estimate(defaults["num_frames"], defaults["size"], defaults["stage1_steps"],
+                                                defaults["stage2_steps"], defaults["ddim_steps"]), elem_id="estimate")
         status = gr.Markdown(elem_id="status")
         gr.Markdown("### 4. Result", elem_classes=["eym-section"])
         with gr.Row():
@@ -566,12 +594,29 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             gallery_load.click(on_gallery, gallery_pick,
                                [source, mode, reference, preset, subject, source_motion, target_motion,
                                 num_frames, start, stride], api_name="gallery", concurrency_id="preview")
+        estimate_inputs = [num_frames, size, stage1_steps, stage2_steps, ddim_steps]
+        gr.on([c.change for c in estimate_inputs], fn=on_estimate, inputs=estimate_inputs, outputs=estimate_view,
+              queue=False, api_visibility="private", show_progress="hidden")
         edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_fraction,
                                                           inject_layers]
         edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
                                api_name="edit", concurrency_id="gpu", concurrency_limit=concurrency, show_progress_on=[out_edited, status])
         cancel.click(on_cancel, None, None, cancels=[edit_event], queue=False, api_visibility="private")
     return demo
+
+
+def _step_figures(device: Any, is_tiny: bool):
+    """The per-step figures for this page's estimates (``eym.estimate``), from the detected device."""
+    from eym.estimate import figures_for
+
+    on_gpu = bool(device is not None and device.gpu)
+    return figures_for(device.name if on_gpu else "CPU", is_tiny=is_tiny, on_gpu=on_gpu)
+
+
+def _format_seconds(seconds: float) -> str:
+    from eym.estimate import format_seconds
+
+    return format_seconds(seconds)
 
 
 def _preset_choices() -> list[tuple[str, str]]:

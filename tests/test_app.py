@@ -127,16 +127,19 @@ def test_real_model_page_has_no_banner_and_paper_defaults(tmp_path):
     assert values["stage1-steps"] == 300 and values["ddim-steps"] == 50 and values["size"] == 512
 
 
-def test_progress_relay_walks_one_bar_through_the_stages_and_cancels():
+def test_progress_relay_walks_one_bar_weighted_by_expected_time_and_cancels():
     seen = []
     cancel = threading.Event()
-    relay = app.ProgressRelay(lambda fraction, desc: seen.append((fraction, desc)), cancel)
+    expected = {"preprocess": 1.0, "stage1": 40.0, "stage2": 40.0, "inversion": 8.0, "sampling": 10.0, "decode": 1.0}
+    relay = app.ProgressRelay(lambda fraction, desc: seen.append((fraction, desc)), cancel, expected)
     for stage in app.STAGES:
         for step in range(4):
             relay(stage, step, 3)
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == pytest.approx(1.0)
-    assert "Stage 1" in seen[5][1] and "(1/3)" in seen[5][1]
+    assert "Stage 1" in seen[5][1] and "(1/3)" in seen[5][1] and "elapsed" in seen[5][1] and "left" in seen[5][1]
+    # stage 1 is 40% of the expected time, so it takes 40% of the bar (not 1/6)
+    assert fractions[7] - fractions[3] == pytest.approx(0.4, abs=0.01)
     cancel.set()
     with pytest.raises(app.JobCancelled):
         relay("sampling", 1, 3)
