@@ -425,6 +425,39 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# gallery: fetch the demo gallery's clips into the clip store, list what is there
+# ---------------------------------------------------------------------------------------------
+@_command("gallery", "fetch a gallery's clips from their pinned origins (or a mirror folder), or list its entries")
+def _add_gallery(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("fetch", "list"), help="fetch: download and verify the clips; list: entries and clips")
+    p.add_argument("manifest", nargs="?", default=None, help="gallery folder or manifest (default: the project's examples/)")
+    p.add_argument("--mirror", default=None, help="local folder laid out like the clips' paths, used instead of the "
+                                                   "origins (offline; default $EYM_GALLERY_MIRROR)")
+    p.add_argument("--store", default=None, help="clip store (default $EYM_GALLERY_CACHE, else $EYM_HOME/gallery)")
+
+
+@_runner("gallery")
+def _run_gallery(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eym.gallery import fetch_clips, load_gallery
+
+    manifest = args.manifest or str(Path(__file__).resolve().parents[1] / "examples")
+    if args.action == "fetch":
+        report = fetch_clips(manifest, mirror=args.mirror, store=args.store)
+        for file, why in report.failed.items():
+            print(f"failed: {file}: {why}")
+        print(f"{len(report.fetched)} fetched, {len(report.present)} already there, {len(report.failed)} failed")
+        return 0 if report.ok else 1
+    gallery = load_gallery(manifest, store=args.store, skip_missing=True)
+    for entry in gallery.entries:
+        print(f"{entry.name}: {entry.title} ({entry.motion_label})")
+    for name, why in gallery.skipped.items():
+        print(f"{name}: missing ({why})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # (further commands are added below, one section each)
 # ---------------------------------------------------------------------------------------------
 

@@ -230,11 +230,11 @@ def sample_indices(total: int, num_frames: int | None, start: int = 0, stride: i
         raise EymError(f"start={start} is past the last frame ({total} frames); use a smaller start")
     if num_frames is None:
         return list(range(start, total, stride or 1))
+    if stride is None and num_frames > available:
+        raise EymError(f"asked for {num_frames} frames but only {available} are available from frame {start}; ask for fewer frames or a smaller start")
     if stride is None and fps is not None:
         stride = natural_stride(fps, total, num_frames, start)
     if stride is None:
-        if num_frames > available:
-            raise EymError(f"asked for {num_frames} frames but only {available} are available from frame {start}; ask for fewer frames or a smaller start")
         return [int(i) for i in np.round(np.linspace(start, total - 1, num_frames)).astype(int)]
     last = start + stride * (num_frames - 1)
     if last >= total:
