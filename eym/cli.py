@@ -221,6 +221,8 @@ def _add_suite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--settings", metavar="FILE", help="edit settings JSON/YAML (eym.editor.EditConfig); flags below override it")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
+    p.add_argument("--save-examples", action="store_true",
+                   help="keep each finished pair as the app's cached example for this model ($EYM_HOME/examples)")
     e = p.add_argument_group("edit settings (for every pair; an entry's num_frames/start/stride win)")
     e.add_argument("--frames", type=int, help="frames per clip")
     e.add_argument("--size", type=int, help="side of the square frames")
@@ -249,6 +251,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     result = run_suite(
         args.manifest, args.out, model=args.model, controlnet=args.controlnet, edit_config=_suite_edit_config(args),
         eval_config=_eval_config(args), device=args.device, names=args.only, disable_progress=args.quiet,
+        save_examples=args.save_examples,
     )
     print(result.table_md.read_text(), end="")
     reused = sum(p.reused for p in result.pairs)

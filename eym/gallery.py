@@ -541,3 +541,118 @@ def _crop_video(origin: Path, out: Path, crop: tuple[int, int, int, int]) -> Non
                        f"too small for the crop {list(crop)}; the manifest does not fit this file")
     write_mp4(frames, out, video.source_fps)
     _fsync(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging for the app: playable copies and thumbnails the server may serve
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StagedEntry:
+    """A gallery pair copied where the app serves files from."""
+
+    source: Path  # source.mp4 (a frame folder is encoded)
+    reference: Path | None  # reference video, None with a preset
+    thumbnail: Path  # thumbnail.png: the source's first frame beside the reference's
+
+
+THUMB_HEIGHT = 160
+
+
+def stage_entry(entry: GalleryEntry, cache_dir: str | Path) -> StagedEntry:
+    """Copy (or, for a frame folder, encode) a pair into ``cache_dir/<name>/`` with a thumbnail.
+
+    The app's server only serves its outputs folder, and a browser cannot play a frame folder;
+    a per-entry copy solves both. Built as a cache entry (atomic, hash-checked), reused after.
+    """
+    import cv2
+    import numpy as np
+
+    from eym.cache import building, load_entry
+    from eym.video import read_video, write_mp4
+
+    folder = Path(cache_dir) / entry.name
+    names = {"source": entry.source, "reference": entry.reference}
+    if load_entry(folder) is None:
+        with building(folder, meta={"entry": entry.name, "source": str(entry.source),
+                                    "reference": str(entry.reference) if entry.reference else None}) as tmp:
+            tiles = []
+            for role, path in names.items():
+                if path is None:
+                    continue
+                if path.is_dir():
+                    video = read_video(path, num_frames=None, size=None)
+                    write_mp4(video.frames, tmp / f"{role}.mp4", video.fps)
+                else:
+                    shutil.copyfile(path, tmp / f"{role}{path.suffix.lower()}")
+                frame = read_video(path, num_frames=1, size=None).frames[0]
+                width = max(1, round(frame.shape[1] * THUMB_HEIGHT / frame.shape[0]))
+                tiles.append(cv2.resize(frame, (width, THUMB_HEIGHT), interpolation=cv2.INTER_AREA))
+            gap = np.full((THUMB_HEIGHT, 4, 3), 255, np.uint8)
+            thumb = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+            cv2.imwrite(str(tmp / "thumbnail.png"), cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+    found = {p.stem: p for p in folder.iterdir() if p.stem in names}
+    return StagedEntry(source=found["source"], reference=found.get("reference"), thumbnail=folder / "thumbnail.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached examples: finished edits of gallery pairs, shown before anyone runs a job
+# ---------------------------------------------------------------------------------------------
+EXAMPLES_ENV = "EYM_EXAMPLES"  # where finished examples live (default: $EYM_HOME/examples)
+EXAMPLE_VIDEO = "edited.mp4"
+EXAMPLE_SIDE = "side_by_side.mp4"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A finished edit of one gallery pair with one base model."""
+
+    entry: str
+    video: Path
+    side_by_side: Path | None
+    model: str
+
+
+def examples_dir() -> Path:
+    root = os.environ.get(EXAMPLES_ENV)
+    if root:
+        return Path(root).expanduser()
+    from eym.env import eym_home
+
+    return eym_home() / "examples"
+
+
+def _model_slug(model: str) -> str:
+    from eym.cache import sha256_bytes
+
+    tail = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(model)).name).strip("-")[:40] or "model"
+    return f"{tail}-{sha256_bytes(str(model).encode())[:10]}"
+
+
+def save_example(entry: str, model: str, video: str | Path, side_by_side: str | Path | None = None, *,
+                 store: str | Path | None = None) -> Example:
+    """Keep a finished edit of gallery entry ``entry`` made with base model ``model`` (``eym suite --save-examples``).
+
+    Stored as ``<store>/<model slug>/<entry>/`` (atomic, hash-checked); an older one is replaced.
+    """
+    from eym.cache import building
+
+    folder = Path(store or examples_dir()) / _model_slug(model) / entry
+    shutil.rmtree(folder, ignore_errors=True)  # a newer result replaces the old one
+    with building(folder, meta={"kind": "eym-example", "entry": entry, "model": str(model)}) as tmp:
+        shutil.copyfile(video, tmp / EXAMPLE_VIDEO)
+        if side_by_side is not None and Path(side_by_side).is_file():
+            shutil.copyfile(side_by_side, tmp / EXAMPLE_SIDE)
+    return find_example(entry, model, store=store)  # type: ignore[return-value]
+
+
+def find_example(entry: str, model: str, *, store: str | Path | None = None) -> Example | None:
+    """The finished example of ``entry`` with ``model``, if one was made and is intact."""
+    from eym.cache import load_entry
+
+    folder = Path(store or examples_dir()) / _model_slug(model) / entry
+    meta = load_entry(folder)
+    if meta is None or not (folder / EXAMPLE_VIDEO).is_file():
+        return None
+    side = folder / EXAMPLE_SIDE
+    return Example(entry=entry, video=folder / EXAMPLE_VIDEO, side_by_side=side if side.is_file() else None,
+                   model=str(model))
