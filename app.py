@@ -370,7 +370,11 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     limits = ProbeLimits(max_bytes=int(max_upload_mb) * 2**20)
     get_editor = _resolve_editor(editor_or_factory)
     outputs_dir = Path(outputs_dir).resolve()
-    gallery = load_gallery(gallery_dir) if gallery_dir is not None else None
+    gallery = load_gallery(gallery_dir, skip_missing=True) if gallery_dir is not None else None
+    staged, examples = _stage_gallery(gallery, outputs_dir, editor_or_factory)
+    entries = [e for e in gallery.entries if e.name in staged] if gallery is not None else []
+    start_hint = ("Upload a source video (or click a demo pair above) to see what the method will use." if entries
+                  else "Upload a source video to see what the method will use.")
     if model_line is None or is_tiny is None:
         # Only describe an editor that exists; a factory is not called just to label the page.
         line, tiny = ("loading on first use", False) if _is_factory(editor_or_factory) else _model_info(editor_or_factory)
@@ -392,7 +396,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     # -- handlers (each gets everything it needs as arguments) ---------------------------------
     def on_preview(source, mode, reference, preset, num_frames, start, stride, size, retarget):
         if not source:
-            return None, None, None, None, "Upload a source video (or pick a demo pair) to see what the method will use."
+            return None, None, None, None, start_hint
         try:
             config = _preprocess_config(num_frames, start, stride, size)
             src = load_source(source, config, limits)
@@ -416,17 +420,21 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             return f"*{_escape(str(err))}*"
 
     def on_gallery(name):
-        if gallery is None or not name:
-            return [gr.update()] * 10
-        try:
-            entry = gallery.get(name)
-            src, ref = stage_gallery_entry(entry, outputs_dir / "_gallery")
-        except EymError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+        """Load a demo pair: its clips, motion, prompts and sampling hints, and its finished example if any."""
+        keep = [gr.update()] * 13
+        if not name or name not in staged:
+            if name:
+                raise gr.Error(f"there is no demo pair called {name!r} on this page", print_exception=False)
+            return keep
+        entry, files = gallery.get(name), staged[name]
+        example = examples.get(name)
+        shown = (str(example.video), str(example.side_by_side) if example.side_by_side else None,
+                 f"Finished example of this pair, made earlier with {_escape(example.model)}. Press "
+                 "**Edit motion** to run it yourself.") if example else (gr.update(), gr.update(), gr.update())
         return (
-            str(src),
+            str(files.source),
             MOTION_PRESET if entry.preset else MOTION_REFERENCE,
-            str(ref) if ref else None,
+            str(files.reference) if files.reference else None,
             entry.preset or gr.update(),
             entry.subject or entry.content_prompt or "",
             entry.source_motion or "",
@@ -434,7 +442,23 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             entry.num_frames or gr.update(),
             entry.start if entry.start is not None else gr.update(),
             entry.stride if entry.stride is not None else gr.update(),
+            *shown,
         )
+
+    def on_gallery_select(evt: gr.SelectData):
+        return on_gallery(entries[evt.index].name if 0 <= int(evt.index) < len(entries) else None)
+
+    def on_push(files, repo, token):
+        from eym.hub import push_tuned_zip
+
+        archive = next((f for f in (files or []) if str(f).endswith(TUNED_ZIP)), None)
+        if archive is None:
+            raise gr.Error("run an edit first: the tuned weights of its source are pushed", print_exception=False)
+        try:
+            url = push_tuned_zip(archive, repo, token)
+        except EymError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return f"Pushed to [{_escape(url)}]({_escape(url)})."
 
     def run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps):
         from eym.estimate import estimate
@@ -507,14 +531,15 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 preset = gr.Dropdown(_preset_choices(), label="Preset motion", visible=False, elem_id="preset")
                 retarget = gr.Checkbox(value=True, label="Retarget the reference skeleton to the source person's body",
                                        elem_id="retarget")
-        if gallery is not None and gallery.entries:
-            with gr.Row(elem_classes=["eym-gallery"]):
-                gallery_pick = gr.Dropdown(
-                    [(f"{e.title} ({e.motion_label})", e.name) for e in gallery.entries], value=None,
-                    label="Or start from a demo pair", elem_id="gallery-pick", scale=4)
-                gallery_load = gr.Button("Load demo pair", scale=1, elem_id="gallery-load")
+        gallery_name = gr.Textbox(visible=False, elem_id="gallery-name")  # the /gallery API's input
+        if entries:
+            gallery_view = gr.Gallery(
+                [(str(staged[e.name].thumbnail), f"{e.title}" + (" - result ready" if e.name in examples else ""))
+                 for e in entries],
+                label="Or start from a demo pair (TaiChi-HD and more): one click loads it", columns=min(len(entries), 5),
+                height="auto", allow_preview=False, object_fit="contain", elem_id="gallery", elem_classes=["eym-gallery"])
         else:
-            gallery_pick = gallery_load = None
+            gallery_view = None
 
         with gr.Accordion("Frames", open=True):
             with gr.Row():
@@ -523,8 +548,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = auto: consecutive frames playing near 12 fps)", elem_id="stride")
                 size = gr.Dropdown(list(SIZES), value=defaults["size"], label="Resolution (px)", elem_id="size")
         gr.Markdown("### What the method will use", elem_classes=["eym-section"])
-        preview_info = gr.Markdown("Upload a source video (or pick a demo pair) to see what the method will use.",
-                                   elem_id="preview-info")
+        preview_info = gr.Markdown(start_hint, elem_id="preview-info")
         with gr.Row():
             src_frames = gr.Image(label="Source frames", interactive=False, elem_id="src-frames", height=140)
             src_skeletons = gr.Image(label="Source skeletons", interactive=False, elem_id="src-skeletons", height=140)
@@ -575,7 +599,16 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         with gr.Row():
             out_side = gr.Video(label="Side by side: source | target skeletons | edited", interactive=False,
                                 elem_id="out-side", height=240)
-            downloads = gr.File(label="Downloads", interactive=False, file_count="multiple", elem_id="downloads")
+            downloads = gr.File(label="Downloads (the tuned weights too: tuned_weights.zip)", interactive=False,
+                                file_count="multiple", elem_id="downloads")
+        with gr.Accordion("Keep the tuned weights on the Hugging Face Hub", open=False):
+            gr.Markdown("Pushes this edit's tuned tensors (safetensors + manifest) to a model repository of yours, "
+                        "created private if it does not exist. The token is used for this push only and not stored.")
+            with gr.Row():
+                push_repo = gr.Textbox(label="Repository", placeholder="your-name/my-tuned-source", elem_id="push-repo")
+                push_token = gr.Textbox(label="Hugging Face token (write access)", type="password", elem_id="push-token")
+                push = gr.Button("Push to the Hub", elem_id="push")
+            push_status = gr.Markdown(elem_id="push-status")
 
         # -- events --------------------------------------------------------------------------------
         mode.change(lambda m: (gr.update(visible=m == MOTION_REFERENCE), gr.update(visible=m == MOTION_PRESET),
@@ -590,10 +623,12 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         prompt_inputs = [subject, source_motion, target_motion, p_c, p_s, p_t]
         gr.on([c.change for c in prompt_inputs], fn=on_prompts, inputs=prompt_inputs, outputs=prompts_view,
               queue=False, api_name="prompts", show_progress="hidden")
-        if gallery_load is not None:
-            gallery_load.click(on_gallery, gallery_pick,
-                               [source, mode, reference, preset, subject, source_motion, target_motion,
-                                num_frames, start, stride], api_name="gallery", concurrency_id="preview")
+        gallery_outputs = [source, mode, reference, preset, subject, source_motion, target_motion,
+                           num_frames, start, stride, out_edited, out_side, status]
+        gallery_name.submit(on_gallery, gallery_name, gallery_outputs, api_name="gallery", concurrency_id="preview")
+        if gallery_view is not None:
+            gallery_view.select(on_gallery_select, None, gallery_outputs, api_visibility="private",
+                                concurrency_id="preview")
         estimate_inputs = [num_frames, size, stage1_steps, stage2_steps, ddim_steps]
         gr.on([c.change for c in estimate_inputs], fn=on_estimate, inputs=estimate_inputs, outputs=estimate_view,
               queue=False, api_visibility="private", show_progress="hidden")
@@ -602,6 +637,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
                                api_name="edit", concurrency_id="gpu", concurrency_limit=concurrency, show_progress_on=[out_edited, status])
         cancel.click(on_cancel, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+        push.click(on_push, [downloads, push_repo, push_token], push_status, api_visibility="private")
     return demo
 
 
@@ -625,30 +661,40 @@ def _preset_choices() -> list[tuple[str, str]]:
     return [(f"{name} - {description}", name) for name, description in PRESETS.items()]
 
 
-def stage_gallery_entry(entry, cache_dir: Path) -> tuple[Path, Path | None]:
-    """Copy (or, for a frame folder, encode) a gallery pair into ``cache_dir`` so the page may serve it.
+def _stage_gallery(gallery, outputs_dir: Path, editor_or_factory: Any) -> tuple[dict, dict]:
+    """Stage every gallery pair under outputs/_gallery (the only folder served) and find their
+    finished examples for this model (copied under outputs/_examples). Pairs that fail are left out."""
+    from eym.gallery import find_example, stage_entry
 
-    The server only serves files from the outputs folder, and a browser cannot play a frame
-    folder; a per-entry copy under outputs/_gallery solves both. Written atomically, reused after.
-    """
-    from eym.cache import building, load_entry
+    staged: dict[str, Any] = {}
+    examples: dict[str, Any] = {}
+    if gallery is None:
+        return staged, examples
+    components = None if _is_factory(editor_or_factory) else getattr(editor_or_factory, "components", None)
+    model = getattr(components, "model_id", None)
+    for entry in gallery.entries:
+        try:
+            staged[entry.name] = stage_entry(entry, outputs_dir / "_gallery")
+        except (EymError, OSError) as err:
+            logger.warning("gallery: leaving out %s: %s", entry.name, err)
+            continue
+        example = find_example(entry.name, model) if isinstance(model, str) else None
+        if example is not None:
+            served = outputs_dir / "_examples" / entry.name
+            served.mkdir(parents=True, exist_ok=True)
+            copies = {}
+            for kind in ("video", "side_by_side"):
+                path = getattr(example, kind)
+                if path is not None:
+                    copies[kind] = served / path.name
+                    shutil.copyfile(path, copies[kind])
+            examples[entry.name] = type(example)(entry=example.entry, video=copies["video"],
+                                                 side_by_side=copies.get("side_by_side"), model=example.model)
+    logger.info("gallery: %d pairs on the page, %d with a finished example", len(staged), len(examples))
+    return staged, examples
 
-    folder = cache_dir / entry.name
-    names = {"source": entry.source, "reference": entry.reference}
-    if load_entry(folder) is None:
-        with building(folder, meta={"entry": entry.name}) as tmp:
-            for role, path in names.items():
-                if path is None:
-                    continue
-                if path.is_dir():
-                    from eym.video import read_video
 
-                    video = read_video(path, num_frames=None, size=None)
-                    write_video(video.frames, tmp / f"{role}.mp4", video.fps)
-                else:
-                    shutil.copyfile(path, tmp / f"{role}{path.suffix.lower()}")
-    found = {p.stem: p for p in folder.iterdir() if p.stem in names}
-    return found["source"], found.get("reference")
+TUNED_ZIP = "tuned_weights.zip"
 
 
 def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, relay: ProgressRelay):
@@ -675,6 +721,12 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
         job.finish(ok=False)
         shutil.rmtree(job.folder, ignore_errors=True)
         raise
+    downloads = [str(result.video), str(result.side_by_side)]
+    tuned = editor.find_tuned(source, prompts, settings.tune) if hasattr(editor, "find_tuned") else None
+    if tuned is not None:  # the tuned tensors leave the server as a download (and, from the page, to the Hub)
+        from eym.hub import pack_tuned
+
+        downloads.append(str(pack_tuned(tuned.path, job.path(TUNED_ZIP))))
     job.finish(ok=True)
     seconds = time.perf_counter() - started
     reused = ("Reused the tuned weights for this source (no tuning this time)." if result.reused_tuning else
@@ -682,7 +734,7 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
     status = f"Done in {seconds:.1f} s. {reused} Saved to `{job.id}`."
     logger.info("job %s done in %.1f s (reused tuning: %s)", job.id, seconds, result.reused_tuning)
     video, side = str(result.video), str(result.side_by_side)
-    return video, str(source_mp4), str(skeleton_mp4), side, [video, side], status
+    return video, str(source_mp4), str(skeleton_mp4), side, downloads, status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,6 +797,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder for job outputs, the only folder the server serves (default ./outputs)")
     parser.add_argument("--gallery", default=str(DEFAULT_GALLERY),
                         help="gallery folder or manifest (default examples/); 'none' hides the gallery")
+    parser.add_argument("--gallery-mirror", default=os.environ.get("EYM_GALLERY_MIRROR"),
+                        help="local folder holding the gallery's clips, used instead of downloading them from their "
+                             "pinned origins (offline; or $EYM_GALLERY_MIRROR)")
     parser.add_argument("--model", default=os.environ.get("EYM_MODEL"),
                         help="SD 1.5: hub id, diffusers folder, .safetensors file or 'tiny' (or $EYM_MODEL); "
                              "default: SD 1.5 from the local cache, else the tiny demo model")
@@ -831,6 +886,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         clean_stale_tmp(outputs)  # leftovers of jobs killed mid-way in an earlier run
         editor = load_editor(args.model, args.controlnet, args.device, args.dtype)
         gallery = None if args.gallery.lower() == "none" else args.gallery
+        if gallery is not None:  # first start: the clips into the verified clip store (later starts find them)
+            from eym.gallery import fetch_clips
+
+            report = fetch_clips(gallery, mirror=args.gallery_mirror, timeout=30)
+            if report.fetched or report.failed:
+                logger.info("gallery clips: %d fetched, %d already there, %d missing", len(report.fetched),
+                            len(report.present), len(report.failed))
         from eym.env import detect_device
 
         device = detect_device()
