@@ -889,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gallery is not None:  # first start: the clips into the verified clip store (later starts find them)
             from eym.gallery import fetch_clips
 
-            report = fetch_clips(gallery, mirror=args.gallery_mirror, timeout=30)
+            report = fetch_clips(gallery, mirror=args.gallery_mirror, timeout=15)
             if report.fetched or report.failed:
                 logger.info("gallery clips: %d fetched, %d already there, %d missing", len(report.fetched),
                             len(report.present), len(report.failed))

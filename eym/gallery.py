@@ -201,6 +201,10 @@ def resolve_inside(root: Path, rel: Any, *, what: str) -> Path:
     return joined.resolve()
 
 
+class _Unreachable(EymError):
+    """A download failed before any answer came (no network, DNS, refused, timed out)."""
+
+
 class _MissingClip(EymError):
     """An entry's clip is listed under ``clips`` but not (yet) in the store."""
 
@@ -426,15 +430,23 @@ def fetch_clips(path: str | Path, *, mirror: str | Path | None = None, store: st
     store_dir = Path(store) if store is not None else clip_store()
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     present, fetched, failed = [], [], {}
+    unreachable: str | None = None  # offline: one unanswered download is enough, the rest are not tried
     for spec in specs:
         if wanted is not None and spec.file not in wanted:
             continue
         if cached_clip(spec, store_dir) is not None:
             present.append(spec.file)
             continue
+        if unreachable is not None and mirror is None:
+            failed[spec.file] = f"not tried: {unreachable}"
+            continue
         try:
             fetch_clip(spec, store_dir, mirror=mirror, timeout=timeout)
             fetched.append(spec.file)
+        except _Unreachable as err:
+            unreachable = str(err)
+            failed[spec.file] = str(err)
+            logger.warning("gallery clip %s not fetched: %s", spec.file, err)
         except EymError as err:
             failed[spec.file] = str(err)
             logger.warning("gallery clip %s not fetched: %s", spec.file, err)
@@ -517,7 +529,8 @@ def download(url: str, dest: str | Path, *, sha256: str, timeout: float = 60.0) 
         raise
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
-        raise EymError(f"{url}: download failed after {received} bytes ({reason}); check the network or use a mirror "
+        no_answer = received == 0 and not isinstance(err, urllib.error.HTTPError)
+        raise (_Unreachable if no_answer else EymError)(f"{url}: download failed after {received} bytes ({reason}); check the network or use a mirror "
                        f"folder ({MIRROR_ENV})") from None
     except Exception as err:  # http.client.IncompleteRead and friends: a dropped connection
         raise EymError(f"{url}: the transfer was cut off after {received} bytes ({type(err).__name__}); try again") from None

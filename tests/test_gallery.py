@@ -357,3 +357,17 @@ def test_media_pairs_manifest(media, tmp_path):
     gallery = load_gallery(manifest, presets=PRESETS)
     assert [e.name for e in gallery.entries] == ["taichi", "case1"]
     assert gallery.entries[1].source.is_dir() and gallery.entries[0].reference.is_file()
+
+
+def test_offline_one_unanswered_download_is_enough(tmp_path):
+    """With no network the first clip's failure stops the others being tried (a fast offline start)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused, no answer
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    clips = [{"file": f"clips/{n}.mp4", "sha256": str(i) * 64, "url": dead + f"{n}.mp4"} for i, n in enumerate("abc", 1)]
+    manifest = _write(_folder(tmp_path / "g"), {"clips": clips, "entries": [_entry()]})
+    report = fetch_clips(manifest, store=tmp_path / "store", timeout=5)
+    assert "download failed" in report.failed["clips/a.mp4"]
+    assert report.failed["clips/b.mp4"].startswith("not tried") and report.failed["clips/c.mp4"].startswith("not tried")
