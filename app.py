@@ -420,11 +420,11 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             return f"*{_escape(str(err))}*"
 
     def on_gallery(name):
-        """Load a demo pair: its clips, motion, prompts and sampling hints, and its finished example if any."""
+        """Load a gallery entry by name: clips, motion, prompts, sampling hints, and its finished example if any."""
         keep = [gr.update()] * 13
         if not name or name not in staged:
             if name:
-                raise gr.Error(f"there is no demo pair called {name!r} on this page", print_exception=False)
+                raise gr.Error(f"this page has no gallery entry called {name!r}", print_exception=False)
             return keep
         entry, files = gallery.get(name), staged[name]
         example = examples.get(name)
@@ -490,7 +490,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         relay = ProgressRelay(progress, flag, planned.stages if planned is not None else None)
         try:
             if not source:
-                raise EymError("upload a source video first (or pick a demo pair from the gallery)")
+                raise EymError("upload a source video first" + (" (or click a demo pair in the gallery)" if entries else ""))
             prompts = compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
             config = _preprocess_config(num_frames, start, stride, size)
             settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,

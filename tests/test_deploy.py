@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from pathlib import Path
@@ -127,3 +128,13 @@ def test_page_says_there_is_no_usable_gpu_and_refuses_the_edit(tmp_path):
     html = next(b.value for b in page.blocks.values() if type(b).__name__ == "HTML")
     estimate = next(b.value for b in page.blocks.values() if getattr(b, "elem_id", None) == "estimate")
     assert "device-banner" not in html and "H200 (measured)" in estimate and "min" in estimate
+
+
+def test_a_gallery_whose_clips_are_missing_is_not_offered(tmp_path, monkeypatch):
+    """The committed gallery with an empty clip store: no thumbnails and no "demo pair" anywhere."""
+    from tests.test_app import FakeEditor
+
+    monkeypatch.setenv("EYM_GALLERY_CACHE", str(tmp_path / "empty-store"))
+    demo = app.build_demo(FakeEditor(), gallery_dir=REPO / "examples", outputs_dir=tmp_path / "out")
+    assert not [b for b in demo.blocks.values() if type(b).__name__ == "Gallery"]
+    assert "demo pair" not in json.dumps(demo.get_config_file(), default=str)
