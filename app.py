@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eym.env import allow_cpu_from_env  # noqa: E402
 from eym.errors import EymError, without_paths  # noqa: E402
 from eym.injection import DEFAULT_PRESET as DEFAULT_INJECTION, INJECTION_PRESETS  # noqa: E402
 from eym.runner import JobCancelled, JobRunner, RunnerLimits, Ticket, client_key  # noqa: E402
@@ -74,7 +75,8 @@ class AppOptions:
 def default_controls(is_tiny: bool) -> dict[str, Any]:
     """Initial control values: the paper's settings, or seconds-long ones on the tiny bundle."""
     if is_tiny:
-        return {"num_frames": 8, "size": 64, "stage1_steps": 2, "stage2_steps": 2, "ddim_steps": 3}
+        # 128 px: mediapipe finds the person in the README's TaiChi-HD clips (at 64 px it misses some frames)
+        return {"num_frames": 8, "size": 128, "stage1_steps": 2, "stage2_steps": 2, "ddim_steps": 3}
     return {"num_frames": 8, "size": 512, "stage1_steps": 300, "stage2_steps": 300, "ddim_steps": 50}
 
 
@@ -267,29 +269,34 @@ def mask_overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
 # Progress
 # ---------------------------------------------------------------------------------------------
 class ProgressRelay:
-    """Turns the library's callback(stage, step, total) into one gr.Progress bar; stops a cancelled job.
+    """Turns the library's callback(stage, step, total) into one gr.Progress bar; stops a stopped job.
 
     ``ticket.check()`` runs first at every step, so Cancel, a closed tab or the time limit stop
-    the job at its next step (:class:`eym.runner.Ticket`).
+    the job at its next step (:class:`eym.runner.Ticket`). The bar is weighted by each stage's
+    expected time (``eym.estimate.WeightedProgress``) and its label shows the elapsed time and an ETA.
     """
 
-    def __init__(self, progress: Callable[..., Any] | None, ticket: Ticket | None):
+    def __init__(self, progress: Callable[..., Any] | None, ticket: Ticket | None,
+                 expected: dict[str, float] | None = None):
+        from eym.estimate import STAGE_ORDER, WeightedProgress
+
         self.progress = progress
         self.ticket = ticket
         self.seen: list[str] = []  # stages in the order they reported (for the status line)
+        self.plan = WeightedProgress(expected if expected is not None else {s: 1.0 for s in STAGE_ORDER})
 
     def __call__(self, stage: str, step: int, total: int) -> None:
+        from eym.estimate import format_seconds
+
         if self.ticket is not None:
             self.ticket.check()
         if stage not in self.seen:
             self.seen.append(stage)
-        order = list(STAGES)
-        index = order.index(stage) if stage in order else len(order) - 1
-        total = max(int(total), 1)
-        fraction = (index + min(step, total) / total) / len(order)
+        fraction, elapsed, left = self.plan.update(stage, step, total)
         label = STAGES.get(stage, stage)
+        clock = f"{format_seconds(elapsed)} elapsed" + (f", about {format_seconds(left)} left" if left is not None else "")
         if self.progress is not None:
-            self.progress(fraction, desc=f"{label} ({step}/{total})")
+            self.progress(fraction, desc=f"{label} ({step}/{max(int(total), 1)}) - {clock}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +320,22 @@ def _model_info(editor: Any) -> tuple[str, bool]:
     return line, bool(getattr(components, "is_tiny", False))
 
 
-def _header_html(model_line: str, is_tiny: bool) -> str:
-    banner = ""
+def _device_banner(device: Any, allow_cpu: bool) -> str:
+    """The "no usable GPU" banner for a real model on the CPU (empty when there is a GPU)."""
+    if device is None or device.gpu:
+        return ""
+    why = device.reason or "this machine has no CUDA GPU"
+    consequence = ("It runs on the CPU, as its operator chose: an edit takes hours, not minutes."
+                   if allow_cpu else "Edits are switched off here, because on the CPU one would take hours.")
+    return ('<div id="device-banner" class="eym-banner eym-banner-warn">'
+            f"<b>No usable GPU.</b> {_escape(why[0].upper() + why[1:])}. {consequence} "
+            "If you run this app: start it on a GPU with a torch build that matches the driver "
+            "(docs/DEPLOY.md), or allow the CPU explicitly with <code>--allow-cpu</code> "
+            "(<code>EYM_ALLOW_CPU=1</code>).</div>")
+
+
+def _header_html(model_line: str, is_tiny: bool, device_banner: str = "") -> str:
+    banner = device_banner
     if is_tiny:
         banner = (
             '<div id="tiny-banner" class="eym-banner">'
@@ -323,7 +344,7 @@ def _header_html(model_line: str, is_tiny: bool) -> str:
             "are noise. To edit for real, start it with <code>--model</code> (a hub id, a diffusers "
             "folder or a .safetensors file of SD 1.5) and <code>--controlnet</code> (openpose), or "
             "set <code>EYM_MODEL</code> / <code>EYM_CONTROLNET</code>.</div>"
-        )
+        ) + banner
     return (
         '<div class="eym-header"><h1>Edit-Your-Motion</h1>'
         "<p>One-shot video motion editing: keep the person and the background of the source video, "
@@ -393,7 +414,7 @@ def _request_client(request: gr.Request | None) -> tuple[str, str | None]:
 def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAULT_GALLERY,
                outputs_dir: str | Path = "outputs", max_upload_mb: int = 200,
                model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1,
-               limits: RunnerLimits | None = None) -> gr.Blocks:
+               limits: RunnerLimits | None = None, device: Any = None, allow_cpu: bool = False) -> gr.Blocks:
     """Build the page (no launch, no model loading).
 
     Args:
@@ -410,6 +431,9 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         concurrency: edits that may run at once; needs that many editors (model copies).
         limits: the runner's operator limits (time per job, share per client, work per job);
             default ``RunnerLimits.from_env()``.
+        device: ``eym.env.DeviceReport`` of this machine (default: detected); with a real model
+            and no usable GPU the page says so, and edits are refused unless ``allow_cpu``.
+        allow_cpu: the operator chose to run a real model on the CPU (``--allow-cpu``).
     Returns:
         The ``gr.Blocks``; call ``.queue(...)`` and ``.launch(...)`` on it (``main`` does).
     Raises:
@@ -429,17 +453,28 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                        limits if limits is not None else RunnerLimits.from_env())
     editor_or_factory = editors[0] if not _is_factory(editor_or_factory) else editor_or_factory
     outputs_dir = Path(outputs_dir).resolve()
-    gallery = load_gallery(gallery_dir) if gallery_dir is not None else None
+    gallery = load_gallery(gallery_dir, skip_missing=True) if gallery_dir is not None else None
+    staged, examples = _stage_gallery(gallery, outputs_dir, editor_or_factory)
+    entries = [e for e in gallery.entries if e.name in staged] if gallery is not None else []
+    start_hint = ("Upload a source video (or click a demo pair above) to see what the method will use." if entries
+                  else "Upload a source video to see what the method will use.")
     if model_line is None or is_tiny is None:
         # Only describe an editor that exists; a factory is not called just to label the page.
         line, tiny = ("loading on first use", False) if _is_factory(editor_or_factory) else _model_info(editor_or_factory)
         model_line = model_line if model_line is not None else line
         is_tiny = is_tiny if is_tiny is not None else tiny
     defaults = default_controls(bool(is_tiny))
+    if device is None and not is_tiny:
+        from eym.env import detect_device
+
+        device = detect_device()
+    device_html = "" if is_tiny else _device_banner(device, allow_cpu)
+    figures = _step_figures(device, bool(is_tiny))
+
     # -- handlers (each gets everything it needs as arguments) ---------------------------------
     def on_preview(source, mode, reference, preset, num_frames, start, stride, size, retarget):
         if not source:
-            return None, None, None, None, "Upload a source video (or pick a demo pair) to see what the method will use."
+            return None, None, None, None, start_hint
         try:
             config = _preprocess_config(num_frames, start, stride, size)
             enforce_disk_cap(outputs_dir)
@@ -451,7 +486,9 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         except EymError as err:
             raise _page_error(err) from None
         missing = f"; no person found in frame(s) {', '.join(map(str, src.missing))} (filled in)" if src.missing else ""
-        info = f"{len(src.frames)} frames at {src.fps:.3g} fps, {config.size}x{config.size}{missing}{ref_note}"
+        from eym.preprocess import clip_span
+
+        info = f"{len(src.frames)} frames, {clip_span(src)}, {config.size}x{config.size}{missing}{ref_note}"
         return strip(src.frames), strip(src.skeletons), strip(mask_overlay(src.frames, src.masks)), ref_strip, info
 
     def on_prompts(subject, source_motion, target_motion, p_c, p_s, p_t):
@@ -461,17 +498,21 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             return f"<i>{_escape(str(err))}</i>"
 
     def on_gallery(name):
-        if gallery is None or not name:
-            return [gr.update()] * 10
-        try:
-            entry = gallery.get(name)
-            src, ref = stage_gallery_entry(entry, outputs_dir / "_gallery")
-        except EymError as err:
-            raise _page_error(err) from None
+        """Load a gallery entry by name: clips, motion, prompts, sampling hints, and its finished example if any."""
+        keep = [gr.update()] * 13
+        if not name or name not in staged:
+            if name:
+                raise gr.Error(f"this page has no gallery entry called {name!r}", print_exception=False)
+            return keep
+        entry, files = gallery.get(name), staged[name]
+        example = examples.get(name)
+        shown = (str(example.video), str(example.side_by_side) if example.side_by_side else None,
+                 f"Finished example of this pair, made earlier with {_escape(example.model)}. Press "
+                 "**Edit motion** to run it yourself.") if example else (gr.update(), gr.update(), gr.update())
         return (
-            str(src),
+            str(files.source),
             MOTION_PRESET if entry.preset else MOTION_REFERENCE,
-            str(ref) if ref else None,
+            str(files.reference) if files.reference else None,
             entry.preset or gr.update(),
             entry.subject or entry.content_prompt or "",
             entry.source_motion or "",
@@ -479,7 +520,42 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             entry.num_frames or gr.update(),
             entry.start if entry.start is not None else gr.update(),
             entry.stride if entry.stride is not None else gr.update(),
+            *shown,
         )
+
+    def on_gallery_select(evt: gr.SelectData):
+        return on_gallery(entries[evt.index].name if 0 <= int(evt.index) < len(entries) else None)
+
+    def on_push(files, repo, token):
+        from eym.hub import push_tuned_zip
+
+        archive = next((f for f in (files or []) if str(f).endswith(TUNED_ZIP)), None)
+        if archive is None:
+            raise gr.Error("run an edit first: the tuned weights of its source are pushed", print_exception=False)
+        try:
+            url = push_tuned_zip(archive, repo, token)
+        except EymError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return f"Pushed to [{_escape(url)}]({_escape(url)})."
+
+    def run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps):
+        from eym.estimate import estimate
+
+        if figures is None:
+            return None
+        return estimate(num_frames=int(num_frames or 1), size=int(size or 512), steps1=int(stage1_steps or 0),
+                        steps2=int(stage2_steps or 0), ddim_steps=int(ddim_steps or 1), figures=figures)
+
+    def on_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps):
+        try:
+            found = run_estimate(num_frames, size, stage1_steps, stage2_steps, ddim_steps)
+        except (TypeError, ValueError, OverflowError):  # a half-typed or out-of-range field: the edit says why
+            return "**Estimate:** fill in frames, size and steps with whole numbers to see what a run costs."
+        if found is None:
+            return ("**Estimate:** no measured figures for this model on a CPU; expect hours per edit. "
+                    "A second edit of the same source skips tuning.")
+        return (f"**Estimate:** {_escape(found.describe())}. A second edit of the same source skips tuning "
+                f"(about {_format_seconds(found.total - found.stages['stage1'] - found.stages['stage2'])}).")
 
     def on_cancel(request: gr.Request):
         _client, session = _request_client(request)
@@ -501,17 +577,19 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             ticket = runner.ticket(client, session, alive=_event_alive())  # admission: per-client share
         except EymError as err:
             raise _page_error(err) from None
-        relay = ProgressRelay(progress, ticket)
         try:
             # 1. settings and prompts: bounded and checked before any work
             if not source:
-                raise EymError("upload a source video first (or pick a demo pair from the gallery)")
+                raise EymError("upload a source video first" + (" (or click a demo pair in the gallery)" if entries else ""))
             prompts = compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
             config = _preprocess_config(num_frames, start, stride, size)
             settings = edit_config(config, seed=seed, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                    ddim_steps=ddim_steps, inject_layers=inject_layers, inject_start=inject_start,
                                    inject_end=inject_end, retarget=retarget)
             check_work(settings, runner.limits.max_work)
+            planned = run_estimate(config.num_frames, config.size, settings.tune.steps1, settings.tune.steps2,
+                                   settings.infer.ddim_steps)  # from the checked settings: weights the progress bar
+            relay = ProgressRelay(progress, ticket, planned.stages if planned is not None else None)
             # 2. uploads checked, then preprocessed (no model needed: done while waiting)
             enforce_disk_cap(outputs_dir)
             relay("preprocess", 0, 2)
@@ -523,6 +601,11 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             # 3. the models, for this job alone, until it ends or stops
             waiting = lambda ahead: progress(0.0, desc=f"Waiting for the GPU: {ahead} edit(s) ahead")  # noqa: E731
             with runner.slot(ticket, on_wait=waiting) as editor:
+                from eym.env import check_cpu_choice
+
+                components = getattr(editor, "components", None)
+                check_cpu_choice(is_tiny=bool(getattr(components, "is_tiny", True)), allow_cpu=allow_cpu, report=device,
+                                 device=getattr(getattr(components, "device", None), "type", "cpu"))
                 return run_job(editor, src, ref, prompts, settings, outputs_dir, relay)
         except JobCancelled as stop:
             raise gr.Error(cancel_message(stop.reason), print_exception=False) from None
@@ -535,7 +618,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     # Gradio's copies of uploads and outputs: swept every 10 min, gone after an hour (the disk cap
     # counts them meanwhile, see enforce_disk_cap).
     with gr.Blocks(title="Edit-Your-Motion", delete_cache=(600, 3600)) as demo:
-        gr.HTML(_header_html(model_line, bool(is_tiny)))
+        gr.HTML(_header_html(model_line, bool(is_tiny), device_html))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 gr.Markdown("### 1. Source video: the person to keep")
@@ -550,24 +633,24 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 preset = gr.Dropdown(_preset_choices(), label="Preset motion", visible=False, elem_id="preset")
                 retarget = gr.Checkbox(value=True, label="Retarget the reference skeleton to the source person's body",
                                        elem_id="retarget")
-        if gallery is not None and gallery.entries:
-            with gr.Row(elem_classes=["eym-gallery"]):
-                gallery_pick = gr.Dropdown(
-                    [(f"{e.title} ({e.motion_label})", e.name) for e in gallery.entries], value=None,
-                    label="Or start from a demo pair", elem_id="gallery-pick", scale=4)
-                gallery_load = gr.Button("Load demo pair", scale=1, elem_id="gallery-load")
+        gallery_name = gr.Textbox(visible=False, elem_id="gallery-name")  # the /gallery API's input
+        if entries:
+            gallery_view = gr.Gallery(
+                [(str(staged[e.name].thumbnail), f"{e.title}" + (" - result ready" if e.name in examples else ""))
+                 for e in entries],
+                label="Or start from a demo pair (TaiChi-HD and more): one click loads it", columns=min(len(entries), 5),
+                height="auto", allow_preview=False, object_fit="contain", elem_id="gallery", elem_classes=["eym-gallery"])
         else:
-            gallery_pick = gallery_load = None
+            gallery_view = None
 
         with gr.Accordion("Frames", open=True):
             with gr.Row():
                 num_frames = gr.Slider(2, 32, value=defaults["num_frames"], step=1, label="Frames", elem_id="num-frames")
                 start = gr.Number(value=0, precision=0, minimum=0, label="Start frame", elem_id="start")
-                stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = spread over the clip)", elem_id="stride")
+                stride = gr.Number(value=0, precision=0, minimum=0, label="Stride (0 = auto: consecutive frames playing near 12 fps)", elem_id="stride")
                 size = gr.Dropdown(list(SIZES), value=defaults["size"], label="Resolution (px)", elem_id="size")
         gr.Markdown("### What the method will use", elem_classes=["eym-section"])
-        preview_info = gr.Markdown("Upload a source video (or pick a demo pair) to see what the method will use.",
-                                   elem_id="preview-info")
+        preview_info = gr.Markdown(start_hint, elem_id="preview-info")
         with gr.Row():
             src_frames = gr.Image(label="Source frames", interactive=False, elem_id="src-frames", height=140)
             src_skeletons = gr.Image(label="Source skeletons", interactive=False, elem_id="src-skeletons", height=140)
@@ -611,6 +694,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         with gr.Row():
             run = gr.Button("Edit motion", variant="primary", elem_id="run", scale=3)
             cancel = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+        estimate_view = gr.Markdown(on_estimate(defaults["num_frames"], defaults["size"], defaults["stage1_steps"],
+                                                defaults["stage2_steps"], defaults["ddim_steps"]), elem_id="estimate")
         status = gr.Markdown(elem_id="status")
         gr.Markdown("### 4. Result", elem_classes=["eym-section"])
         with gr.Row():
@@ -621,7 +706,16 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         with gr.Row():
             out_side = gr.Video(label="Side by side: source | target skeletons | edited", interactive=False,
                                 elem_id="out-side", height=240)
-            downloads = gr.File(label="Downloads", interactive=False, file_count="multiple", elem_id="downloads")
+            downloads = gr.File(label="Downloads (the tuned weights too: tuned_weights.zip)", interactive=False,
+                                file_count="multiple", elem_id="downloads")
+        with gr.Accordion("Keep the tuned weights on the Hugging Face Hub", open=False):
+            gr.Markdown("Pushes this edit's tuned tensors (safetensors + manifest) to a model repository of yours, "
+                        "created private if it does not exist. The token is used for this push only and not stored.")
+            with gr.Row():
+                push_repo = gr.Textbox(label="Repository", placeholder="your-name/my-tuned-source", elem_id="push-repo")
+                push_token = gr.Textbox(label="Hugging Face token (write access)", type="password", elem_id="push-token")
+                push = gr.Button("Push to the Hub", elem_id="push")
+            push_status = gr.Markdown(elem_id="push-status")
 
         # -- events --------------------------------------------------------------------------------
         mode.change(lambda m: (gr.update(visible=m == MOTION_REFERENCE), gr.update(visible=m == MOTION_PRESET),
@@ -636,12 +730,17 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         prompt_inputs = [subject, source_motion, target_motion, p_c, p_s, p_t]
         gr.on([c.change for c in prompt_inputs], fn=on_prompts, inputs=prompt_inputs, outputs=prompts_view,
               queue=False, api_name="prompts", show_progress="hidden")
-        if gallery_load is not None:
-            gallery_load.click(on_gallery, gallery_pick,
-                               [source, mode, reference, preset, subject, source_motion, target_motion,
-                                num_frames, start, stride], api_name="gallery", concurrency_id="preview")
+        gallery_outputs = [source, mode, reference, preset, subject, source_motion, target_motion,
+                           num_frames, start, stride, out_edited, out_side, status]
+        gallery_name.submit(on_gallery, gallery_name, gallery_outputs, api_name="gallery", concurrency_id="preview")
+        if gallery_view is not None:
+            gallery_view.select(on_gallery_select, None, gallery_outputs, api_visibility="private",
+                                concurrency_id="preview")
         injection.change(injection_fields, injection, [inject_layers, inject_start, inject_end], queue=False,
                          api_visibility="private")
+        estimate_inputs = [num_frames, size, stage1_steps, stage2_steps, ddim_steps]
+        gr.on([c.change for c in estimate_inputs], fn=on_estimate, inputs=estimate_inputs, outputs=estimate_view,
+              queue=False, api_visibility="private", show_progress="hidden")
         edit_inputs = preview_inputs + prompt_inputs + [seed, stage1_steps, stage2_steps, ddim_steps, inject_layers,
                                                           inject_start, inject_end]
         edit_event = run.click(on_edit, edit_inputs, [out_edited, out_source, out_skeleton, out_side, downloads, status],
@@ -650,9 +749,24 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         # Edits wait in the runner (FIFO, per-client share), not in Gradio's queue: so every
         # waiting edit can be cancelled and counted, and the models have one owner.
         cancel.click(on_cancel, None, status, cancels=[edit_event], queue=False, api_visibility="private")
+        push.click(on_push, [downloads, push_repo, push_token], push_status, api_visibility="private")
         demo.unload(on_unload)
     demo.eym_runner = runner  # for health checks and tests
     return demo
+
+
+def _step_figures(device: Any, is_tiny: bool):
+    """The per-step figures for this page's estimates (``eym.estimate``), from the detected device."""
+    from eym.estimate import figures_for
+
+    on_gpu = bool(device is not None and device.gpu)
+    return figures_for(device.name if on_gpu else "CPU", is_tiny=is_tiny, on_gpu=on_gpu)
+
+
+def _format_seconds(seconds: float) -> str:
+    from eym.estimate import format_seconds
+
+    return format_seconds(seconds)
 
 
 def _preset_choices() -> list[tuple[str, str]]:
@@ -661,30 +775,40 @@ def _preset_choices() -> list[tuple[str, str]]:
     return [(f"{name} - {description}", name) for name, description in PRESETS.items()]
 
 
-def stage_gallery_entry(entry, cache_dir: Path) -> tuple[Path, Path | None]:
-    """Copy (or, for a frame folder, encode) a gallery pair into ``cache_dir`` so the page may serve it.
+def _stage_gallery(gallery, outputs_dir: Path, editor_or_factory: Any) -> tuple[dict, dict]:
+    """Stage every gallery pair under outputs/_gallery (the only folder served) and find their
+    finished examples for this model (copied under outputs/_examples). Pairs that fail are left out."""
+    from eym.gallery import find_example, stage_entry
 
-    The server only serves files from the outputs folder, and a browser cannot play a frame
-    folder; a per-entry copy under outputs/_gallery solves both. Written atomically, reused after.
-    """
-    from eym.cache import building, load_entry
+    staged: dict[str, Any] = {}
+    examples: dict[str, Any] = {}
+    if gallery is None:
+        return staged, examples
+    components = None if _is_factory(editor_or_factory) else getattr(editor_or_factory, "components", None)
+    model = getattr(components, "model_id", None)
+    for entry in gallery.entries:
+        try:
+            staged[entry.name] = stage_entry(entry, outputs_dir / "_gallery")
+        except (EymError, OSError) as err:
+            logger.warning("gallery: leaving out %s: %s", entry.name, err)
+            continue
+        example = find_example(entry.name, model) if isinstance(model, str) else None
+        if example is not None:
+            served = outputs_dir / "_examples" / entry.name
+            served.mkdir(parents=True, exist_ok=True)
+            copies = {}
+            for kind in ("video", "side_by_side"):
+                path = getattr(example, kind)
+                if path is not None:
+                    copies[kind] = served / path.name
+                    shutil.copyfile(path, copies[kind])
+            examples[entry.name] = type(example)(entry=example.entry, video=copies["video"],
+                                                 side_by_side=copies.get("side_by_side"), model=example.model)
+    logger.info("gallery: %d pairs on the page, %d with a finished example", len(staged), len(examples))
+    return staged, examples
 
-    folder = cache_dir / entry.name
-    names = {"source": entry.source, "reference": entry.reference}
-    if load_entry(folder) is None:
-        with building(folder, meta={"entry": entry.name}) as tmp:
-            for role, path in names.items():
-                if path is None:
-                    continue
-                if path.is_dir():
-                    from eym.video import read_video
 
-                    video = read_video(path, num_frames=None, size=None)
-                    write_video(video.frames, tmp / f"{role}.mp4", video.fps)
-                else:
-                    shutil.copyfile(path, tmp / f"{role}{path.suffix.lower()}")
-    found = {p.stem: p for p in folder.iterdir() if p.stem in names}
-    return found["source"], found.get("reference")
+TUNED_ZIP = "tuned_weights.zip"
 
 
 def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, relay: ProgressRelay):
@@ -709,6 +833,12 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
         job.finish(ok=False)
         shutil.rmtree(job.folder, ignore_errors=True)
         raise
+    downloads = [str(result.video), str(result.side_by_side)]
+    tuned = editor.find_tuned(source, prompts, settings.tune) if hasattr(editor, "find_tuned") else None
+    if tuned is not None:  # the tuned tensors leave the server as a download (and, from the page, to the Hub)
+        from eym.hub import pack_tuned
+
+        downloads.append(str(pack_tuned(tuned.path, job.path(TUNED_ZIP))))
     job.finish(ok=True)
     seconds = time.perf_counter() - started
     reused = ("Reused the tuned weights for this source (no tuning this time)." if result.reused_tuning else
@@ -716,7 +846,7 @@ def run_job(editor, source, reference, prompts, settings, outputs_dir: Path, rel
     status = f"Done in {seconds:.1f} s. {reused} Saved to `{job.id}`."
     logger.info("job %s done in %.1f s (reused tuning: %s)", job.id, seconds, result.reused_tuning)
     video, side = str(result.video), str(result.side_by_side)
-    return video, str(source_mp4), str(skeleton_mp4), side, [video, side], status
+    return video, str(source_mp4), str(skeleton_mp4), side, downloads, status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,11 +874,31 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
+def default_bind() -> tuple[str, int]:
+    """Host and port from the platform: Spaces and containers set ``GRADIO_SERVER_NAME`` /
+    ``GRADIO_SERVER_PORT``; ``EYM_HOST`` / ``EYM_PORT`` next; loopback and 7860 otherwise."""
+    host = os.environ.get("GRADIO_SERVER_NAME") or os.environ.get("EYM_HOST") or "127.0.0.1"
+    port = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("EYM_PORT") or "7860"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise EymError(f"the port {port!r} (GRADIO_SERVER_PORT / EYM_PORT) is not a number; set it to e.g. 7860") from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="Edit-Your-Motion web app (Gradio)")
-    parser.add_argument("--host", default=os.environ.get("EYM_HOST", "127.0.0.1"),
-                        help="interface to listen on (0.0.0.0 in Docker); default 127.0.0.1 or $EYM_HOST")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("EYM_PORT", "7860")), help="default 7860")
+    try:
+        host, port = default_bind()
+    except EymError as err:
+        parser.error(str(err))
+    parser.add_argument("--host", default=host,
+                        help="interface to listen on; default $GRADIO_SERVER_NAME (set by Spaces and containers), "
+                             "else $EYM_HOST, else 127.0.0.1")
+    parser.add_argument("--port", type=int, default=port,
+                        help="default $GRADIO_SERVER_PORT, else $EYM_PORT, else 7860")
+    parser.add_argument("--allow-cpu", action="store_true", default=allow_cpu_from_env(),
+                        help="let a real model run on the CPU when no usable GPU is found (hours per edit; "
+                             "or $EYM_ALLOW_CPU=1); without it such edits are refused")
     parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="edits running at once, each on its own model copy (default 1: one GPU job); "
@@ -769,6 +919,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder for job outputs, the only folder the server serves (default ./outputs)")
     parser.add_argument("--gallery", default=str(DEFAULT_GALLERY),
                         help="gallery folder or manifest (default examples/); 'none' hides the gallery")
+    parser.add_argument("--gallery-mirror", default=os.environ.get("EYM_GALLERY_MIRROR"),
+                        help="local folder holding the gallery's clips, used instead of downloading them from their "
+                             "pinned origins (offline; or $EYM_GALLERY_MIRROR)")
     parser.add_argument("--model", default=os.environ.get("EYM_MODEL"),
                         help="SD 1.5: hub id, diffusers folder, .safetensors file or 'tiny' (or $EYM_MODEL); "
                              "default: SD 1.5 from the local cache, else the tiny demo model")
@@ -879,8 +1032,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = runner_limits(args)
         editors = load_editors(args)
         gallery = None if args.gallery.lower() == "none" else args.gallery
+        if gallery is not None:  # first start: the clips into the verified clip store (later starts find them)
+            from eym.gallery import fetch_clips
+
+            report = fetch_clips(gallery, mirror=args.gallery_mirror, timeout=15)
+            if report.fetched or report.failed:
+                logger.info("gallery clips: %d fetched, %d already there, %d missing", len(report.fetched),
+                            len(report.present), len(report.failed))
+        from eym.env import detect_device
+
+        device = detect_device()
+        components = editors[0].components
+        if not components.is_tiny and components.device.type == "cpu":
+            logger.warning("no usable GPU: %s; %s", device.reason or "no CUDA GPU found",
+                           "running the real model on the CPU as chosen (--allow-cpu): hours per edit" if args.allow_cpu
+                           else "edits are refused: run on a GPU with a torch build matching the driver "
+                                "(docs/DEPLOY.md) or pass --allow-cpu / EYM_ALLOW_CPU=1")
         demo = build_demo(editors, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
-                          concurrency=args.concurrency, limits=limits)
+                          concurrency=args.concurrency, limits=limits, device=device, allow_cpu=args.allow_cpu)
     except EymError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=8, help="number of frames to sample (default 8)")
     p.add_argument("--size", type=int, default=512, help="output side S, a multiple of 8 (default 512)")
     p.add_argument("--start", type=int, default=0, help="first source frame, 0-based (default 0)")
-    p.add_argument("--stride", type=int, default=None, help="take every N-th frame (default: spread frames over the whole video)")
+    p.add_argument("--stride", type=int, default=None, help="take every N-th frame (default: consecutive frames at the stride that plays near 12 fps, 1-3)")
     p.add_argument("--pose", choices=("auto", "mediapipe", "openpose"), default="auto", help="pose backend (default auto)")
     p.add_argument("--mask", choices=("mediapipe", "rembg"), default="mediapipe", help="person mask backend (default mediapipe)")
     p.add_argument("--resize", choices=("crop", "pad"), default="crop", help="fit to SxS by centre crop or padding (default crop)")
@@ -79,7 +79,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
 
 @_runner("preprocess")
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from eym.preprocess import PreprocessConfig, preprocess
+    from eym.preprocess import PreprocessConfig, clip_span, preprocess
 
     config = PreprocessConfig(
         num_frames=args.frames,
@@ -93,6 +93,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     clip = preprocess(args.video, config, out_dir=args.out, with_masks=not args.no_masks, progress=not args.quiet)
     log = logging.getLogger("eym")
     log.info("%d frames at %.3g fps, content hash %s", clip.num_frames, clip.fps, clip.content_hash[:12])
+    print(f"source: {clip_span(clip)}")
     if clip.missing:
         log.warning("no person found in frame(s) %s; they were filled from the nearest frame", clip.missing)
     print(args.out)
@@ -179,7 +180,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     s.add_argument("--frames", type=int, default=8, help="frames sampled from the source (default: %(default)s)")
     s.add_argument("--size", type=int, default=512, help="side of the square frames (default: %(default)s)")
     s.add_argument("--start", type=int, default=0, help="first source frame (default: %(default)s)")
-    s.add_argument("--stride", type=int, default=None, help="step between frames (default: spread over the video)")
+    s.add_argument("--stride", type=int, default=None, help="step between frames (default: the stride that plays near 12 fps, 1-3)")
     s.add_argument("--resize", default="crop", choices=["crop", "pad"], help="fit to SxS by centre crop or padding (default: %(default)s)")
     s.add_argument("--retarget", action=argparse.BooleanOptionalAction, default=True,
                    help="the edit retargeted the reference to the source person (the edit's default: on)")
@@ -220,6 +221,8 @@ def _add_suite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--settings", metavar="FILE", help="edit settings JSON/YAML (eym.editor.EditConfig); flags below override it")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
+    p.add_argument("--save-examples", action="store_true",
+                   help="keep each finished pair as the app's cached example for this model ($EYM_HOME/examples)")
     e = p.add_argument_group("edit settings (for every pair; an entry's num_frames/start/stride win)")
     e.add_argument("--frames", type=int, help="frames per clip")
     e.add_argument("--size", type=int, help="side of the square frames")
@@ -248,6 +251,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     result = run_suite(
         args.manifest, args.out, model=args.model, controlnet=args.controlnet, edit_config=_suite_edit_config(args),
         eval_config=_eval_config(args), device=args.device, names=args.only, disable_progress=args.quiet,
+        save_examples=args.save_examples,
     )
     print(result.table_md.read_text(), end="")
     reused = sum(p.reused for p in result.pairs)
@@ -274,6 +278,7 @@ def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
     g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--cache-dir", default=None, help="tuned-weights cache (default: $EYM_HOME/tuned)")
+    g.add_argument("--allow-cpu", action="store_true", help="let a real model run on the CPU (hours per edit; or EYM_ALLOW_CPU=1)")
     _add_edit_settings(p, "settings (a --settings file first, then these flags)", inference=reference)
 
 
@@ -375,8 +380,13 @@ def _load_editor(args: argparse.Namespace):
     from eym.editor import Editor
     from eym.models import DEFAULT_MODEL, describe, load_components
 
+    from eym.env import allow_cpu_from_env, check_cpu_choice, detect_device
+
     components = load_components(args.model or DEFAULT_MODEL, args.controlnet, device=args.device)
     logging.getLogger("eym").info("model: %s", describe(components))
+    if not components.is_tiny and components.device.type == "cpu":
+        check_cpu_choice(is_tiny=False, device="cpu", allow_cpu=args.allow_cpu or allow_cpu_from_env(),
+                         report=detect_device())
     return Editor(components, cache_dir=args.cache_dir, disable_progress=args.quiet)
 
 
@@ -445,6 +455,9 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
     prompts = _editor_prompts(args)
     editor = _load_editor(args)
     source = editor.load_source(args.source, config)
+    from eym.preprocess import clip_span
+
+    print(f"source: {clip_span(source)}")
     tuned = None
     if not tune:
         tuned = editor.open_tuned(args.tuned) if args.tuned else editor.find_tuned(source, prompts, config.tune)
@@ -456,6 +469,39 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
     print(f"side by side: {result.side_by_side}")
     print(f"settings: {result.settings}")
     print(result.video)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# gallery: fetch the demo gallery's clips into the clip store, list what is there
+# ---------------------------------------------------------------------------------------------
+@_command("gallery", "fetch a gallery's clips from their pinned origins (or a mirror folder), or list its entries")
+def _add_gallery(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("fetch", "list"), help="fetch: download and verify the clips; list: entries and clips")
+    p.add_argument("manifest", nargs="?", default=None, help="gallery folder or manifest (default: the project's examples/)")
+    p.add_argument("--mirror", default=None, help="local folder laid out like the clips' paths, used instead of the "
+                                                   "origins (offline; default $EYM_GALLERY_MIRROR)")
+    p.add_argument("--store", default=None, help="clip store (default $EYM_GALLERY_CACHE, else $EYM_HOME/gallery)")
+
+
+@_runner("gallery")
+def _run_gallery(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eym.gallery import fetch_clips, load_gallery
+
+    manifest = args.manifest or str(Path(__file__).resolve().parents[1] / "examples")
+    if args.action == "fetch":
+        report = fetch_clips(manifest, mirror=args.mirror, store=args.store)
+        for file, why in report.failed.items():
+            print(f"failed: {file}: {why}")
+        print(f"{len(report.fetched)} fetched, {len(report.present)} already there, {len(report.failed)} failed")
+        return 0 if report.ok else 1
+    gallery = load_gallery(manifest, store=args.store, skip_missing=True)
+    for entry in gallery.entries:
+        print(f"{entry.name}: {entry.title} ({entry.motion_label})")
+    for name, why in gallery.skipped.items():
+        print(f"{name}: missing ({why})")
     return 0
 
 

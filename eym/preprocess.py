@@ -56,7 +56,7 @@ class PreprocessConfig:
     num_frames: int = 8  # frames to sample (MotionEditor's 8; the paper does not say)
     size: int = 512  # output side S, a multiple of 8 (SD 1.5 works at 512)
     start: int = 0  # first source frame, 0-based
-    stride: int | None = None  # step between sampled frames; None spreads them over the whole video
+    stride: int | None = None  # step between sampled frames; None: eym.video.natural_stride (plays near 12 fps)
     resize_mode: str = "crop"  # "crop" (centre crop) or "pad" (letterbox) to S x S
     pose: str = "auto"  # pose backend: "auto" | "mediapipe" | "openpose"
     mask: str = "mediapipe"  # mask backend: "mediapipe" | "rembg"
@@ -392,6 +392,21 @@ def _export(clip: Clip, out_dir: Path | None) -> Clip:
     write_mp4(clip.frames, out_dir / "frames.mp4", clip.fps)
     write_mp4(clip.skeletons, out_dir / "skeletons.mp4", clip.fps)
     return clip
+
+
+def clip_span(clip: Clip) -> str:
+    """The stretch of its video a clip covers, e.g. ``"frames 0-14 of 237 (stride 2), 0.53 s, plays at 15 fps"``."""
+    from eym.video import count_frames, describe_span
+
+    indices = clip.indices or list(range(clip.num_frames))
+    step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1.0
+    total = indices[-1] + 1
+    if clip.source and Path(clip.source).exists():
+        try:
+            total = count_frames(clip.source)[0]
+        except EymError:
+            pass  # the span is informative only; the clip itself is already made
+    return describe_span(indices, total, clip.fps * step)
 
 
 def clip_from_keypoints(

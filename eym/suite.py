@@ -259,6 +259,7 @@ def run_suite(
     names: list[str] | None = None,
     disable_progress: bool = False,
     callback: ProgressCallback | None = None,
+    save_examples: bool = False,
 ) -> SuiteResult:
     """Run every pair of a gallery manifest through edit + eval; resume what an earlier run did.
 
@@ -277,6 +278,8 @@ def run_suite(
         disable_progress: turn off the per-pair tqdm bar (callbacks still fire).
         callback: ``callback("suite", done, total)`` after each pair, plus the stages of
             preprocessing and editing (``"preprocess"``, ``"stage1"``, ...) as they happen.
+        save_examples: also keep each finished pair as the app's cached example of that gallery
+            entry with this model (:func:`eym.gallery.save_example`).
     Returns:
         :class:`SuiteResult`. A pair that fails with :class:`EymError` is reported (its error
         under the table) and the others still run; any other exception stops the suite.
@@ -305,6 +308,11 @@ def run_suite(
         bar.set_postfix_str(entry.name)
         outcomes.append(run_pair(entry, edit_config, eval_config, model=model, controlnet=controlnet,
                                  get_editor=get_editor, pairs_dir=pairs_dir, callback=callback))
+        if save_examples and outcomes[-1].error is None:
+            from eym.gallery import save_example
+
+            folder = outcomes[-1].folder
+            save_example(entry.name, model, folder / EDITED_VIDEO, folder / f"{Path(EDITED_VIDEO).stem}.side_by_side.mp4")
         if callback is not None:
             callback("suite", done, len(entries))
 

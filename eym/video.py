@@ -4,9 +4,11 @@ Reading goes through PyAV (FFmpeg's demuxers and decoders), so anything ffmpeg r
 mp4, mov, webm, avi, mkv, gif. A folder of images is a video too; its frames are sorted by the
 number in their names (``frame_2`` before ``frame_10``) and play at :data:`FOLDER_FPS`.
 
-Sampling: ``num_frames`` frames spread evenly from ``start`` to the last frame, or every
-``stride``-th frame from ``start``. The sampled sequence keeps real time: its fps is the source
-fps divided by the (mean) step between taken frames.
+Sampling: every ``stride``-th frame from ``start``. By default (no stride) the step is
+:func:`natural_stride`: consecutive frames at the small stride that keeps the edit playing near
+:data:`TARGET_FPS`, as Tune-A-Video and MotionEditor sample (frames spread over a whole clip play
+as a slideshow). The sampled sequence keeps real time: its fps is the source fps divided by the
+(mean) step between taken frames.
 
 Writing: :func:`write_mp4` pipes raw RGB into the ffmpeg binary that imageio-ffmpeg ships and
 encodes H.264 yuv420p with ``+faststart``, the one mp4 flavour every browser plays; it writes
@@ -177,15 +179,44 @@ def _check_limits(path: Path, width: int, height: int, count: int, fps: float, l
 # ---------------------------------------------------------------------------------------------
 # Sampling and geometry
 # ---------------------------------------------------------------------------------------------
-def sample_indices(total: int, num_frames: int | None, start: int = 0, stride: int | None = None) -> list[int]:
+TARGET_FPS = 12.0  # the default sampling keeps the edit near this rate (peers: stride 1-2 at 24-30 fps)
+MAX_NATURAL_STRIDE = 3  # never skip more than 2 frames by default, however fast the source
+
+
+def natural_stride(fps: float, total: int, num_frames: int, start: int = 0) -> int:
+    """The default step between sampled frames: ``round(fps / TARGET_FPS)``, 1 to 3, lowered until
+    ``num_frames`` frames from ``start`` fit in the clip.
+
+    At 30 fps that is 2 (the edit plays at 15 fps); at 24 fps 2 (12 fps); at 12 fps or less, 1.
+    """
+    stride = max(1, min(MAX_NATURAL_STRIDE, round(fps / TARGET_FPS))) if fps > 0 else 1
+    while stride > 1 and start + stride * (num_frames - 1) >= total:
+        stride -= 1
+    return stride
+
+
+def describe_span(indices: list[int], total: int, source_fps: float) -> str:
+    """``"frames 0-14 of 237 (stride 2), 0.53 s, plays at 15 fps"``: the stretch of the source an edit covers."""
+    if not indices:
+        return f"no frames of {total}"
+    step = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1.0
+    text = f"frames {indices[0]}-{indices[-1]} of {total} (stride {step:.3g})"
+    if source_fps > 0:
+        text += f", {len(indices) * step / source_fps:.2f} s, plays at {source_fps / step:.3g} fps"
+    return text
+
+
+def sample_indices(total: int, num_frames: int | None, start: int = 0, stride: int | None = None,
+                   fps: float | None = None) -> list[int]:
     """Which source frames to take.
 
     Args:
         total: frames in the source.
         num_frames: how many to take; ``None`` takes every ``stride``-th frame (default 1) to the end.
         start: first source frame, 0-based.
-        stride: step between taken frames; ``None`` spreads ``num_frames`` evenly from ``start``
-            to the last frame.
+        stride: step between taken frames; ``None``: :func:`natural_stride` for the source's
+            ``fps``, or, when no fps is given, ``num_frames`` spread evenly to the last frame.
+        fps: the source's frame rate (what the default stride is chosen for).
 
     Returns:
         Increasing 0-based indices.
@@ -204,9 +235,11 @@ def sample_indices(total: int, num_frames: int | None, start: int = 0, stride: i
         raise EymError(f"start={start} is past the last frame ({total} frames); use a smaller start")
     if num_frames is None:
         return list(range(start, total, stride or 1))
+    if stride is None and num_frames > available:
+        raise EymError(f"asked for {num_frames} frames but only {available} are available from frame {start}; ask for fewer frames or a smaller start")
+    if stride is None and fps is not None:
+        stride = natural_stride(fps, total, num_frames, start)
     if stride is None:
-        if num_frames > available:
-            raise EymError(f"asked for {num_frames} frames but only {available} are available from frame {start}; ask for fewer frames or a smaller start")
         return [int(i) for i in np.round(np.linspace(start, total - 1, num_frames)).astype(int)]
     last = start + stride * (num_frames - 1)
     if last >= total:
@@ -303,10 +336,10 @@ def _check_frame(path: Path, index: int, width: int, height: int, first: tuple[i
     return first
 
 
-def _sample_for(path: Path, total: int, num_frames: int | None, start: int, stride: int | None) -> list[int]:
+def _sample_for(path: Path, total: int, num_frames: int | None, start: int, stride: int | None, fps: float) -> list[int]:
     """:func:`sample_indices` with the file named in its error."""
     try:
-        return sample_indices(total, num_frames, start, stride)
+        return sample_indices(total, num_frames, start, stride, fps=fps)
     except EymError as err:
         raise EymError(f"{path}: {err}") from None
 
@@ -329,7 +362,8 @@ def read_video(
         size: output side ``S`` (a multiple of 8); frames become ``S x S``. ``None`` keeps the
             source size.
         start: first source frame, 0-based.
-        stride: step between frames; ``None`` spreads ``num_frames`` over the whole video.
+        stride: step between frames; ``None``: :func:`natural_stride` (consecutive frames that play
+            near :data:`TARGET_FPS`).
         resize_mode: ``"crop"`` (centre crop) or ``"pad"`` (letterbox on black).
         limits: resolution and duration caps, checked before decoding the pixels.
 
@@ -350,7 +384,7 @@ def read_video(
     fitted = False
     if path.is_dir():
         files = list_frame_files(path)
-        indices = _sample_for(path, total, num_frames, start, stride)
+        indices = _sample_for(path, total, num_frames, start, stride, source_fps)
         images = [_read_image(files[i]) for i in indices]
         height, width = images[0].shape[:2]
         _check_limits(path, width, height, total, source_fps, limits)
@@ -360,7 +394,7 @@ def read_video(
                 raise EymError(f"{path}: frames have different sizes; give a size so they can be resized")
     else:
         _check_limits(path, 0, 0, total, source_fps, limits)
-        indices = _sample_for(path, total, num_frames, start, stride)
+        indices = _sample_for(path, total, num_frames, start, stride, source_fps)
         fit = (lambda im: resize_square(im, size, resize_mode)) if size is not None else None
         decoded_frames, decoded = _decode(path, indices, limits, fit)
         if len(decoded_frames) < len(indices):
@@ -368,7 +402,7 @@ def read_video(
             # the true count, which the first pass has just measured.
             logger.info("%s: header says %d frames, %d decode; resampling", path, total, decoded)
             total = decoded
-            indices = _sample_for(path, total, num_frames, start, stride)
+            indices = _sample_for(path, total, num_frames, start, stride, source_fps)
             decoded_frames, decoded = _decode(path, indices, limits, fit)
             if len(decoded_frames) < len(indices):
                 raise EymError(f"{path}: only {decoded} frames could be decoded; ask for fewer frames or re-encode the video")

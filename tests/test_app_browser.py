@@ -41,16 +41,14 @@ def served(media, tiny_bundle, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     root = tmp_path_factory.mktemp("app_browser")
-    (root / "gallery").mkdir()
-    (root / "gallery" / "gallery.json").write_text(json.dumps({"root": str(media), "entries": [
-        {"name": "taichi", "source": SOURCE, "reference": REFERENCE, "subject": "A man in a white tai chi suit",
-         "source_motion": "practicing tai chi", "target_motion": "raising both arms"}]}))
     port = _free_port()
     log = open(root / "app.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "EYM_HOME": os.environ["EYM_HOME"]}
+    # the project's own gallery (examples/), its clips fetched on start from the mirror into a fresh store
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "EYM_HOME": os.environ["EYM_HOME"],
+           "EYM_GALLERY_CACHE": str(root / "clips"), "EYM_GALLERY_MIRROR": str(media)}
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port), "--outputs", str(root / "outputs"), "--gallery",
-         str(root / "gallery"), "--model", str(tiny_bundle), "--device", "cpu", "--max-upload-mb", "2"],
+        [sys.executable, "app.py", "--port", str(port), "--outputs", str(root / "outputs"),
+         "--model", str(tiny_bundle), "--device", "cpu", "--max-upload-mb", "2"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -279,3 +277,37 @@ def test_cancel_says_cancelled_and_a_closed_tab_stops_its_job(browser, served):
     _log_has(served, r"job \d+ stopped \(client gone\)")
     with urllib.request.urlopen(served["url"] + "healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
+
+
+def _wait_for_edit(page, timeout_s: float = 300) -> None:
+    ready = "() => { const v = document.querySelector('#out-edited video'); return !!v && v.readyState >= 2; }"
+    page.wait_for_function(ready, timeout=timeout_s * 1000)
+    page.locator("#status").get_by_text("Done in").wait_for(timeout=timeout_s * 1000)
+
+
+def test_gallery_thumbnails_one_click_loads_a_pair_and_it_edits(page, served):
+    """The TaiChi-HD gallery (fetched from the mirror on start) shows thumbnails; one click loads
+    the pair with its prompts and previews; its edit runs on the tiny model."""
+    thumbs = page.locator("#gallery img")
+    thumbs.first.wait_for()
+    assert thumbs.count() >= 8
+    assert "demo pair" in page.locator("#preview-info").inner_text()
+    thumbs.first.click()
+    page.wait_for_function("() => document.querySelector('#subject textarea').value.length > 0")
+    assert page.locator("#subject textarea").input_value() == "A man in a white tai chi suit"
+    assert "raising both arms" in page.locator("#target-motion textarea").input_value()
+    page.locator("#source-video video").wait_for()
+    page.locator("#reference-video video").wait_for()
+    for elem in ("src-frames", "src-skeletons", "src-masks", "ref-skeletons"):
+        _image_loaded(page, elem)
+    info = page.locator("#preview-info").inner_text()
+    assert "frames 0-14 of 237 (stride 2)" in info and "15 fps" in info and "no person found" not in info, info
+    assert "Estimate" in page.locator("#estimate").inner_text()
+
+    page.locator("#run").click()
+    _wait_for_edit(page)
+    duration = page.evaluate("() => document.querySelector('#out-edited video').duration")
+    assert 8 / duration >= 8, f"the edit plays at {8 / duration:.1f} fps"
+    assert page.locator("#downloads").get_by_text("tuned_weights.zip").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gallery.png"), full_page=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from eym.cache import sha256_bytes, sha256_file
 from eym.errors import EymError
-from eym.gallery import MANIFEST_NAMES, find_manifest, load_gallery, resolve_inside
+from eym.gallery import MANIFEST_NAMES, download, fetch_clips, find_manifest, load_gallery, resolve_inside
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"wave", "raise_arms", "squat"}
@@ -177,13 +181,170 @@ def test_resolve_inside_accepts_nested_relative_paths(tmp_path):
     assert resolve_inside(folder, "clips/./a.mp4", what="x") == folder / "clips" / "a.mp4"
 
 
-def test_committed_examples_gallery_is_valid():
-    """examples/gallery.yaml ships with the repo (the app's default --gallery): it must load."""
-    gallery = load_gallery(REPO / "examples")
+def test_committed_examples_gallery_pins_every_clip_and_offers_nothing_it_does_not_have(tmp_path):
+    """examples/gallery.yaml (the app's default --gallery): >= 6 TaiChi-HD pairs, every clip pinned by
+    commit and sha256; with an empty clip store every entry is left out, none raises."""
+    gallery = load_gallery(REPO / "examples", store=tmp_path / "empty", skip_missing=True)
     assert gallery.manifest == (REPO / "examples" / "gallery.yaml").resolve()
+    assert gallery.entries == () and len(gallery.skipped) >= 6
+    assert all("eym gallery fetch" in why for why in gallery.skipped.values())
+    taichi = [name for name in gallery.skipped if name.startswith("taichi-")]
+    assert len(taichi) >= 6
+    for clip in gallery.clips:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{12}:.+", clip.origin), clip.origin
+        commit = clip.origin.split("@")[1].split(":")[0]
+        assert re.search(rf"/{commit}[0-9a-f]{{28}}/", clip.url), "the url must name the full pinned commit"
+        assert clip.url.endswith(clip.origin.split(":", 1)[1])
+        if clip.file.startswith("taichi_hd/"):
+            assert clip.crop == (0, 0, 256, 256) and clip.origin_sha256 != clip.sha256
+    with pytest.raises(EymError, match="has not been fetched"):
+        load_gallery(REPO / "examples", store=tmp_path / "empty")
+
+
+@pytest.mark.media
+def test_examples_gallery_fetches_from_the_mirror_and_verifies(media, tmp_path):
+    store = tmp_path / "store"
+    report = fetch_clips(REPO / "examples", mirror=media, store=store)
+    assert report.ok and len(report.fetched) == len(load_gallery(REPO / "examples", store=store).clips)
+    gallery = load_gallery(REPO / "examples", store=store)
+    assert len(gallery.entries) >= 8 and not gallery.skipped
     for entry in gallery.entries:
-        assert entry.source.is_relative_to(REPO / "examples")
-        assert entry.preset or entry.reference
+        assert entry.source.is_relative_to(store) and sha256_file(entry.source) in {c.sha256 for c in gallery.clips}
+    again = fetch_clips(REPO / "examples", mirror=media, store=store)
+    assert again.fetched == () and len(again.present) == len(report.fetched)
+    # a damaged clip in the store is never used: the entry is left out until fetched again
+    victim = gallery.get("taichi-hedge-raise-arms").reference
+    victim.write_bytes(victim.read_bytes()[:1000])
+    reloaded = load_gallery(REPO / "examples", store=store, skip_missing=True)
+    assert "taichi-hedge-raise-arms" in reloaded.skipped and "taichi-lakeside-low-stance" in reloaded.skipped
+    assert fetch_clips(REPO / "examples", mirror=media, store=store).fetched == ("taichi_hd/taichi_copart06.mp4",)
+
+
+def test_a_mirror_holding_another_file_is_refused(tmp_path):
+    mirror = tmp_path / "mirror"
+    (mirror / "clips").mkdir(parents=True)
+    (mirror / "clips" / "a.mp4").write_bytes(b"not the pinned bytes")
+    manifest = _write(_folder(tmp_path / "g"), {"clips": [{"file": "clips/a.mp4", "sha256": "0" * 64}],
+                                               "entries": [_entry(source="clips/a.mp4")]})
+    report = fetch_clips(manifest, mirror=mirror, store=tmp_path / "store")
+    assert "the mirror holds another file" in report.failed["clips/a.mp4"]
+    assert not any((tmp_path / "store").iterdir()), "nothing may be left in the store"
+    missing = fetch_clips(manifest, mirror=tmp_path / "empty-mirror", store=tmp_path / "store")
+    assert "has no clips/a.mp4" in missing.failed["clips/a.mp4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads from the origin, against a loopback HTTP server
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def origin_server():
+    """http://127.0.0.1:<port>/ serving ``files`` (name -> bytes); ``mode[name]`` = "cut" sends a
+    Content-Length of the whole file but only half of it, then closes the connection."""
+    import http.server
+    import threading
+
+    files: dict[str, bytes] = {}
+    mode: dict[str, str] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            name = self.path.lstrip("/")
+            if name not in files:
+                self.send_error(404)
+                return
+            data = files[name]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2] if mode.get(name) == "cut" else data)
+            self.wfile.flush()
+            if mode.get(name) == "cut":
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield types.SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}/", files=files, mode=mode)
+    server.shutdown()
+    server.server_close()
+
+
+def _origin_video(path: Path) -> np.ndarray:
+    """A 64x32 (w x h... here 32 wide, 64 tall) clip whose top and bottom halves differ, like TaiChi-HD's."""
+    from eym.video import write_mp4
+
+    frames = np.zeros((6, 64, 32, 3), np.uint8)
+    for i in range(6):
+        frames[i, :32] = (40 * i, 120, 200)  # top: the video
+        frames[i, 32:] = (250, 20, 20)  # bottom: "segmentation"
+    write_mp4(frames, path, 30.0)
+    return frames
+
+
+def _origin_manifest(folder: Path, url: str, origin_sha: str, crop=(0, 0, 32, 32)) -> Path:
+    clip = {"file": "clips/o.mp4", "sha256": "1" * 64, "url": url, "origin_sha256": origin_sha,
+            "origin": "someone/repo@0123456789ab:o.mp4"}
+    if crop is not None:
+        clip["crop"] = list(crop)
+    return _write(_folder(folder), {"clips": [clip], "entries": [_entry(source="clips/o.mp4", reference="clips/b.mp4")]})
+
+
+def test_download_good_file_is_verified_cropped_and_used(origin_server, tmp_path):
+    from eym.video import read_video
+
+    frames = _origin_video(tmp_path / "origin.mp4")
+    data = (tmp_path / "origin.mp4").read_bytes()
+    origin_server.files["o.mp4"] = data
+    manifest = _origin_manifest(tmp_path / "g", origin_server.url + "o.mp4", sha256_bytes(data))
+    store = tmp_path / "store"
+    report = fetch_clips(manifest, store=store)
+    assert report.fetched == ("clips/o.mp4",) and report.ok
+    gallery = load_gallery(manifest, presets=PRESETS, store=store)
+    clip = read_video(gallery.entries[0].source, num_frames=None, size=None)
+    assert clip.frames.shape == (6, 32, 32, 3) and clip.source_fps == pytest.approx(30.0)
+    assert np.abs(clip.frames.astype(int) - frames[:, :32].astype(int)).mean() < 6  # the top half, not the bottom
+    assert not list(store.rglob(".tmp-*")) and not list(store.rglob(".origin*"))
+
+
+def test_download_with_a_bad_hash_is_never_used(origin_server, tmp_path):
+    _origin_video(tmp_path / "origin.mp4")
+    origin_server.files["o.mp4"] = (tmp_path / "origin.mp4").read_bytes()
+    manifest = _origin_manifest(tmp_path / "g", origin_server.url + "o.mp4", "2" * 64)
+    store = tmp_path / "store"
+    report = fetch_clips(manifest, store=store)
+    assert "does not match the pinned" in report.failed["clips/o.mp4"]
+    assert not store.exists() or not any(store.iterdir())
+    gallery = load_gallery(manifest, presets=PRESETS, store=store, skip_missing=True)
+    assert gallery.entries == () and "one" in gallery.skipped
+
+
+def test_cut_off_download_and_missing_file_leave_nothing(origin_server, tmp_path):
+    data = b"x" * 300_000
+    origin_server.files["o.mp4"] = data
+    origin_server.mode["o.mp4"] = "cut"
+    manifest = _origin_manifest(tmp_path / "g", origin_server.url + "o.mp4", sha256_bytes(data), crop=None)
+    store = tmp_path / "store"
+    report = fetch_clips(manifest, store=store, timeout=10)
+    assert re.search(r"cut off|stopped after|download failed", report.failed["clips/o.mp4"])
+    assert not store.exists() or not any(store.iterdir())
+    # the same file served whole (no crop: a verbatim clip) is fetched on the next try
+    origin_server.mode.clear()
+    manifest = _write(tmp_path / "g", {"clips": [{"file": "clips/o.mp4", "sha256": sha256_bytes(data),
+                                                  "url": origin_server.url + "o.mp4"}],
+                                       "entries": [_entry(source="clips/o.mp4")]})
+    assert fetch_clips(manifest, store=store).fetched == ("clips/o.mp4",)
+    assert sha256_file(load_gallery(manifest, presets=PRESETS, store=store).entries[0].source) == sha256_bytes(data)
+    # a 404 is a failure with a message, not an exception
+    manifest = _origin_manifest(tmp_path / "g404", origin_server.url + "nope.mp4", "3" * 64)
+    assert "download failed" in fetch_clips(manifest, store=tmp_path / "other").failed["clips/o.mp4"]
+
+
+def test_download_refuses_other_schemes(tmp_path):
+    with pytest.raises(EymError, match="only http"):
+        download("file:///etc/passwd", tmp_path / "x", sha256="0" * 64)
 
 
 @pytest.mark.media
@@ -196,3 +357,17 @@ def test_media_pairs_manifest(media, tmp_path):
     gallery = load_gallery(manifest, presets=PRESETS)
     assert [e.name for e in gallery.entries] == ["taichi", "case1"]
     assert gallery.entries[1].source.is_dir() and gallery.entries[0].reference.is_file()
+
+
+def test_offline_one_unanswered_download_is_enough(tmp_path):
+    """With no network the first clip's failure stops the others being tried (a fast offline start)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused, no answer
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    clips = [{"file": f"clips/{n}.mp4", "sha256": str(i) * 64, "url": dead + f"{n}.mp4"} for i, n in enumerate("abc", 1)]
+    manifest = _write(_folder(tmp_path / "g"), {"clips": clips, "entries": [_entry()]})
+    report = fetch_clips(manifest, store=tmp_path / "store", timeout=5)
+    assert "download failed" in report.failed["clips/a.mp4"]
+    assert report.failed["clips/b.mp4"].startswith("not tried") and report.failed["clips/c.mp4"].startswith("not tried")

@@ -58,9 +58,10 @@ entries:
     subject: A man in a red tai chi suit
     source_motion: practicing tai chi in a garden
     target_motion: doing a deep bow stance in a garden
-  - name: no-person  # at 64x64 nobody is found in this reference: the pair fails, the others run
-    source: taichi_hd/taichi_copart00.mp4
+  - name: no-person  # at 64x64 nobody is found in these frames: the pair fails, the others run
+    source: taichi_hd/taichi_copart06.mp4
     reference: taichi_hd/taichi_copart06.mp4
+    stride: 41
     subject: A man in a white tai chi suit
     target_motion: raising both arms
 """
@@ -83,7 +84,15 @@ def test_suite_two_pairs_then_resume_without_work(media, tiny_bundle, tiny_clip,
     kwargs = dict(model=str(tiny_bundle), device="cpu", edit_config=edit, disable_progress=True,
                   eval_config=EvalConfig(clip_model=str(tiny_clip)))
     events: list[tuple[str, int, int]] = []
-    first = S.run_suite(manifest, out, callback=lambda *e: events.append(e), **kwargs)
+    monkeypatch.setenv("EYM_EXAMPLES", str(tmp_path / "examples"))
+    first = S.run_suite(manifest, out, callback=lambda *e: events.append(e), save_examples=True, **kwargs)
+    from eym.gallery import find_example
+
+    for pair in first.pairs[:2]:  # finished pairs become the app's cached examples for this model
+        example = find_example(pair.name, str(tiny_bundle))
+        assert example is not None and example.video.read_bytes() == (pair.folder / S.EDITED_VIDEO).read_bytes()
+        assert example.side_by_side is not None and find_example(pair.name, "another-model") is None
+    assert find_example("no-person", str(tiny_bundle)) is None
 
     assert first.edits_run == 2 and [p.name for p in first.pairs] == ["dance-arms", "taichi-bow", "no-person"]
     assert [e for e in events if e[0] == "suite"] == [("suite", 1, 3), ("suite", 2, 3), ("suite", 3, 3)]

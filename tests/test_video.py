@@ -128,7 +128,7 @@ def test_frame_folder_sorts_numerically(tmp_path):
     assert [int(f[0, 0, 0]) for f in video.frames] == [1, 2, 3, 10, 33]
     assert count_frames(tmp_path)[0] == 5
     sampled = read_video(tmp_path, num_frames=3, size=16)
-    assert sampled.indices == [0, 2, 4] and sampled.frames.shape == (3, 16, 16, 3)
+    assert sampled.indices == [0, 1, 2] and sampled.frames.shape == (3, 16, 16, 3)  # consecutive at the folder's 8 fps
 
 
 def test_empty_frame_folder_is_an_error(tmp_path):
@@ -167,10 +167,10 @@ def test_write_mp4_pads_odd_sizes(tmp_path):
 def test_read_video_samples_and_keeps_real_time(mp4):
     video = read_video(mp4, num_frames=4, size=32)
     assert video.frames.shape == (4, 32, 32, 3) and video.frames.dtype == np.uint8
-    assert video.indices == [0, 4, 7, 11]
+    assert video.indices == [0, 1, 2, 3]  # default: consecutive (a 12 fps source already plays near 12 fps)
     assert [_index_of(f) for f in video.frames] == video.indices
-    assert video.source_fps == 12.0
-    assert video.fps == pytest.approx(12.0 / (11 / 3))
+    assert video.source_fps == 12.0 and video.fps == pytest.approx(12.0)
+    assert sample_indices(12, 4, fps=None) == [0, 4, 7, 11]  # without a frame rate: spread over the clip
     strided = read_video(mp4, num_frames=3, start=1, stride=2, size=None)
     assert strided.indices == [1, 3, 5] and strided.fps == pytest.approx(6.0)
     assert [_index_of(f) for f in strided.frames] == [1, 3, 5]
@@ -189,7 +189,7 @@ def test_reads_other_containers(mp4, tmp_path, suffix, codec_args):
     assert count == 12 and fps == pytest.approx(12.0, rel=0.05)
     video = read_video(out, num_frames=4, size=32)
     assert video.frames.shape == (4, 32, 32, 3)
-    assert [_index_of(f) for f in video.frames] == [0, 4, 7, 11]
+    assert [_index_of(f) for f in video.frames] == [0, 1, 2, 3]
 
 
 def test_display_rotation_is_applied(mp4, tmp_path):
@@ -297,3 +297,19 @@ def test_mux_audio_carries_the_matching_span(tmp_path):
     assert not mux_audio(silent, source, 5.0, 1.0)  # past the end of the soundtrack
     assert silent.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["source.mp4", "edited.mp4", "first.mp4", "silent.mp4"])
+
+
+def test_default_sampling_of_a_30fps_clip_plays_at_least_8fps(tmp_path):
+    """Default sampling takes consecutive frames at a small stride, not frames spread over the clip."""
+    from eym.video import describe_span, natural_stride
+
+    frames = np.zeros((240, 16, 16, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(240, dtype=np.uint8)[:, None, None]
+    path = write_mp4(frames, tmp_path / "long30.mp4", 30.0)
+    video = read_video(path, num_frames=8, size=None)
+    assert video.fps >= 8 and video.fps == pytest.approx(15.0)
+    assert video.indices == list(range(0, 16, 2))
+    assert natural_stride(24.0, 1000, 8) == 2 and natural_stride(12.0, 1000, 8) == 1
+    assert natural_stride(120.0, 1000, 8) == 3, "capped: never more than 3"
+    assert natural_stride(30.0, 10, 8) == 1, "lowered until the frames fit in a short clip"
+    assert describe_span(video.indices, 240, 30.0) == "frames 0-14 of 240 (stride 2), 0.53 s, plays at 15 fps"
