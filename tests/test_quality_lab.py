@@ -153,3 +153,14 @@ def test_appearance_score_is_pose_invariant_and_colour_sensitive():
     recoloured[masks] = 255 - recoloured[masks]
     assert report.appearance_score(recoloured, masks, frames, masks) < 0.9
     assert report.appearance_score(frames, np.zeros_like(masks), frames, masks) is None
+
+
+def test_unsharp_keeps_flat_frames_and_raises_contrast():
+    import report
+
+    flat = np.full((2, 16, 16, 3), 100, np.uint8)
+    assert np.array_equal(report.unsharp(flat), flat)
+    edge = flat.copy()
+    edge[:, :, 8:] = 150
+    sharp = report.unsharp(edge)
+    assert sharp[0, 8, 7, 0] < 100 < 150 < sharp[0, 8, 8, 0]  # overshoot on both sides of the edge

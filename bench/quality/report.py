@@ -69,14 +69,27 @@ def appearance_score(frames: np.ndarray, masks: np.ndarray, source: np.ndarray, 
     return float(np.sqrt(p * q).sum())
 
 
-def score(frames: np.ndarray, source: np.ndarray, source_masks: np.ndarray, driving: np.ndarray, backends: dict) -> dict:
+def unsharp(frames: np.ndarray, amount: float = 1.0, sigma: float = 1.5) -> np.ndarray:
+    """Unsharp mask (1 + amount) x - amount * blur(x), per frame, clipped to uint8.
+
+    BlazePose misses blurred people at 128 px (docs/QUALITY.md); ``--sharpen`` applies this to
+    every video alike (the source too) before pose detection and person segmentation; the
+    metrics themselves always read the unsharpened pixels.
+    """
+    import cv2
+
+    return np.stack([cv2.addWeighted(f, 1.0 + amount, cv2.GaussianBlur(f, (0, 0), sigma), -amount, 0) for f in np.asarray(frames, np.uint8)])
+
+
+def score(frames: np.ndarray, source: np.ndarray, source_masks: np.ndarray, driving: np.ndarray, backends: dict, *, sharpen: bool = False) -> dict:
     """All metrics of one video (F, H, W, 3) against the source window and the driving keypoints."""
     from eym.metrics import EvalConfig, background_region, mean_abs_frame_difference, pose_alignment, psnr, ssim
 
     cfg = EvalConfig()
-    detected = backends["pose"].detect(frames)  # (F, 18, 3)
+    seen = unsharp(frames) if sharpen else frames  # what the detectors see; pixels are measured unsharpened
+    detected = backends["pose"].detect(seen)  # (F, 18, 3)
     motion = pose_alignment(detected, driving, threshold=cfg.pck_threshold, min_confidence=cfg.min_confidence)
-    masks = backends["mask"].segment(frames)  # (F, H, W)
+    masks = backends["mask"].segment(seen)  # (F, H, W)
     region = background_region(source_masks, masks, cfg.mask_dilation)
     mafd, _ = mean_abs_frame_difference(frames)
     src_mafd, _ = mean_abs_frame_difference(source)
@@ -99,7 +112,7 @@ def load_pairs(edits: Path) -> dict[int, dict]:
     return pairs
 
 
-def evaluate(edits: Path, data_dir: Path) -> dict:
+def evaluate(edits: Path, data_dir: Path, *, sharpen: bool = False) -> dict:
     """Scores of every pair and row (plus the source and reference-video bars)."""
     from eym.masks import get_mask_backend
     from eym.pose import get_pose_backend
@@ -107,7 +120,7 @@ def evaluate(edits: Path, data_dir: Path) -> dict:
     data, meta = lab.load_data(data_dir / lab.EDITS_FILE)
     names = [c["name"] for c in meta["clips"]]
     backends = {"pose": get_pose_backend("mediapipe"), "mask": get_mask_backend("mediapipe")}
-    results = {"pairs": []}
+    results = {"pairs": [], "sharpen_before_pose": sharpen}
     for p, pair in sorted(load_pairs(edits).items()):
         info = meta["pairs"][p]
         s, r = names.index(info["source"]), names.index(info["reference"])
@@ -115,10 +128,10 @@ def evaluate(edits: Path, data_dir: Path) -> dict:
         source, source_masks = data["window_frames"][s, :F], data["window_masks"][s, :F]
         driving = pair["driving_keypoints"][:F]
         rows = {}
-        rows["source"] = score(source, source, source_masks, driving, backends)
-        rows["reference_video"] = score(data["window_frames"][r, :F], source, source_masks, driving, backends)
+        rows["source"] = score(source, source, source_masks, driving, backends, sharpen=sharpen)
+        rows["reference_video"] = score(data["window_frames"][r, :F], source, source_masks, driving, backends, sharpen=sharpen)
         for name, frames in zip(pair["rows"].tolist(), pair["edits"]):
-            rows[name] = score(frames, source, source_masks, driving, backends)
+            rows[name] = score(frames, source, source_masks, driving, backends, sharpen=sharpen)
         results["pairs"].append({"pair": p, **info, "rows": rows})
         print(f"pair {p}: {info['source']} -> {info['reference']}: {len(rows)} rows scored", flush=True)
     results["mean"] = mean_rows(results["pairs"])
@@ -180,10 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--edits", type=Path, required=True, help="folder with run_edits.py's pair<N>.npz and run_log.json")
     parser.add_argument("--data", type=Path, default=lab.DATA_DIR, help="folder with edits.npz and data.json")
     parser.add_argument("--out", type=Path, required=True, help="where results.json, table.md and the contact sheets go")
+    parser.add_argument("--sharpen", action="store_true", help="unsharp-mask every video before pose detection and segmentation (metrics read the original pixels)")
     parser.add_argument("--quality-doc", type=Path, default=None, help="replace the table between the markers of this file")
     args = parser.parse_args(argv)
 
-    results = evaluate(args.edits, args.data)
+    results = evaluate(args.edits, args.data, sharpen=args.sharpen)
     log_path = args.edits / "run_log.json"
     run_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     what = {r["name"]: r["what"] for r in run_log.get("rows", [])}
