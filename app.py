@@ -94,26 +94,19 @@ def _preprocess_config(num_frames: int, start: int, stride: int, size: int):
     )
 
 
-def check_upload(path: str | Path, config, limits) -> None:
-    """Probe an upload (size, container, codec, frame count) before any decoding work or cache lookup."""
-    from eym.probe import probe
-
-    if not Path(path).is_file():  # the page takes video files; a folder of frames is a CLI input
-        raise EymError(f"{Path(path).name} is not a video file; upload one video (mp4, mov, webm...)")
-    needed = config.start + (config.num_frames - 1) * config.stride + 1 if config.stride else config.num_frames
-    probe(path, limits=limits, min_frames=needed)
-
-
 def load_source(path: str | Path, config, limits, *, callback=None):
     """Probe, then preprocess the source (frames, keypoints, skeletons, masks); cached by content."""
     from eym.preprocess import preprocess
+    from eym.probe import check_upload
 
     check_upload(path, config, limits)
     return preprocess(path, config, with_masks=True, callback=callback)
 
 
-def load_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *, callback=None):
-    """The reference clip: a preprocessed video (as detected) or a preset motion (fitted to the source once).
+def load_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *, retarget: bool,
+                callback=None):
+    """The motion that drives the edit (:func:`eym.motion.resolve_motion`): the uploaded reference
+    video (probed first) or the chosen preset (fitted to the source once).
 
     Args:
         mode: :data:`MOTION_REFERENCE` or :data:`MOTION_PRESET`.
@@ -122,33 +115,26 @@ def load_motion(mode: str, reference: str | None, preset: str | None, source, co
         source: the source ``Clip``; presets take the source person's body.
         config: the ``PreprocessConfig`` the source used (same frame count and size).
         limits: ``ProbeLimits`` for the upload.
+        retarget: fit the reference video's motion to the source person.
     Returns:
-        A ``Clip``; :func:`eym.editor.motion_skeletons` turns it into the skeletons that drive the edit.
+        An ``eym.motion.Motion``: the preview shows its skeletons, the edit uses them as they are.
     """
-    from eym.preprocess import preprocess
+    from eym.motion import resolve_motion
 
     if mode == MOTION_PRESET:
-        from eym.presets import preset_clip
-
         if not preset:
             raise EymError("choose a preset motion, or switch to 'Reference video'")
-        return preset_clip(preset, source, config=config)
+        return resolve_motion(source, preset=preset, config=config, retarget=retarget)
     if not reference:
         raise EymError("upload a reference video (the motion to copy), or switch to 'Preset motion'")
-    check_upload(reference, config, limits)
-    return preprocess(reference, config, with_masks=False, callback=callback)
+    # probed against the upload limits before any decoding
+    return resolve_motion(source, reference=reference, config=config, retarget=retarget, limits=limits, callback=callback)
 
 
 def preview_motion(mode: str, reference: str | None, preset: str | None, source, config, limits, *,
                    retarget: bool) -> np.ndarray:
-    """The skeletons the preview shows for the motion: exactly those that will drive the edit.
-
-    The same clip and the same :func:`eym.editor.motion_skeletons` as the edit, so a preset is
-    fitted to the source once and a reference video is retargeted only if asked.
-    """
-    from eym.editor import motion_skeletons
-
-    return motion_skeletons(source, load_motion(mode, reference, preset, source, config, limits), retarget=retarget)
+    """The skeletons the preview shows for the motion: exactly those that will drive the edit."""
+    return load_motion(mode, reference, preset, source, config, limits, retarget=retarget).skeletons
 
 
 def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
@@ -595,8 +581,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
             relay("preprocess", 0, 2)
             src = load_source(source, config, upload_limits)
             relay("preprocess", 1, 2)
-            # the editor retargets (EditConfig.infer.retarget), so it gets the skeletons as detected
-            ref = load_motion(mode, reference, preset, src, config, upload_limits)
+            # resolved once, with the edit's retargeting: the editor uses these skeletons as they are
+            ref = load_motion(mode, reference, preset, src, config, upload_limits, retarget=settings.infer.retarget)
             relay("preprocess", 2, 2)
             # 3. the models, for this job alone, until it ends or stops
             waiting = lambda ahead: progress(0.0, desc=f"Waiting for the GPU: {ahead} edit(s) ahead")  # noqa: E731

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         from eym.editor import EditConfig, Editor, InferConfig, derive_prompts
+        from eym.motion import resolve_motion
         from eym.models import load_components
         from eym.preprocess import PreprocessConfig
         from eym.tuning import TuneConfig
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         editor = Editor(load_components("tiny", device="cpu"), disable_progress=True)
         lap("load model (builds the tiny bundle)")
         source = editor.load_source(case / "images", config)
-        reference = editor.load_reference(case / "target_images", source, config)
+        reference = resolve_motion(source, reference=case / "target_images", config=config.preprocess,
+                                   retarget=config.infer.retarget)
         lap("preprocess source + reference")
         tuned = editor.tune(source, prompts, config.tune)
         lap("tune 20 + 20 steps")

@@ -390,10 +390,11 @@ def _load_editor(args: argparse.Namespace):
     return Editor(components, cache_dir=args.cache_dir, disable_progress=args.quiet)
 
 
-def _reference_arg(args: argparse.Namespace) -> str:
+def _reference_arg(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(reference, preset): the reference video or the preset name, exactly one of them."""
     if bool(args.reference) == bool(args.preset):
         raise EymError("give either a REFERENCE video or --preset NAME (not both, not neither)")
-    return args.reference or args.preset
+    return args.reference or None, args.preset or None
 
 
 def _print_tuning(tuned) -> None:
@@ -450,7 +451,7 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
         raise EymError(f"--out {args.out!r} must be an .mp4 file name")
-    reference = _reference_arg(args)
+    reference, preset = _reference_arg(args)
     config = _edit_config(args)
     prompts = _editor_prompts(args)
     editor = _load_editor(args)
@@ -463,7 +464,7 @@ def _edit_or_infer(args: argparse.Namespace, *, tune: bool) -> int:
         tuned = editor.open_tuned(args.tuned) if args.tuned else editor.find_tuned(source, prompts, config.tune)
         if tuned is None:
             raise EymError(f"no tuned weights for {args.source} with these prompts and settings; run `eym tune` first (or `eym edit`)")
-    result = editor.edit(source, reference, prompts, config, out_dir=out.parent, name=out.stem, tuned=tuned)
+    result = editor.edit(source, reference, prompts, config, preset=preset, out_dir=out.parent, name=out.stem, tuned=tuned)
     if tune:
         print("tuning: reused cached tuned weights (no tuning steps ran)" if result.reused_tuning else "tuning: tuned on the source")
     print(f"side by side: {result.side_by_side}")

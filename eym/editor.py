@@ -39,6 +39,7 @@ from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ddim_steps, check_ranges
 from eym.injection import InjectionSchedule, injection_preset
+from eym.motion import Motion, motion_skeletons, resolve_motion
 from eym.preprocess import PreprocessConfig
 from eym.progress import ProgressCallback
 from eym.tuning import TuneConfig, TuningData, tune_dpl
@@ -219,7 +220,12 @@ class EditResult:
     settings: Path  # the run's settings and prompts (JSON)
     reused_tuning: bool  # the tuned weights came from the cache
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited frames
-    skeletons: np.ndarray  # (F, H, W, 3) uint8, the skeletons S_rf that drove the editing branch
+    motion: Motion  # the motion that drove the editing branch (its skeletons S_rf, keypoints, reference)
+
+    @property
+    def skeletons(self) -> np.ndarray:
+        """(F, H, W, 3) uint8, the skeletons S_rf that drove the editing branch."""
+        return self.motion.skeletons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +464,9 @@ class Editor:
 
         Args:
             source: the tuned source :class:`~eym.preprocess.Clip`.
-            reference: a Clip with the motion (a preprocessed video or a preset); its skeletons
-                (or keypoints, when retargeting) drive the editing branch. Same frame count.
+            reference: a :class:`~eym.motion.Motion` for this source (its skeletons drive the
+                editing branch), or a reference Clip (a preprocessed video or a preset), resolved
+                here with ``config.retarget``. Same frame count.
             prompts: P_s (inversion, reconstruction branch) and P_t (editing branch).
             tuned: from :meth:`tune` (or :meth:`open_tuned`) for this source.
             config: :class:`InferConfig`.
@@ -476,7 +483,10 @@ class Editor:
         _check_prompt(prompts.source, "source prompt (P_s)")
         _check_prompt(prompts.target, "target prompt (P_t)")
         check_prompt_lengths(c.tokenizer, prompts)
-        reference_skeletons = motion_skeletons(source, reference, retarget=config.retarget)
+        if isinstance(reference, Motion):
+            reference_skeletons = reference.skeletons
+        else:
+            reference_skeletons = motion_skeletons(source, reference, retarget=config.retarget)
         if tuned.manifest.get("source", {}).get("content_hash") != source.content_hash:
             raise EymError(f"tuned weights {tuned.path} were tuned on another source video; tune this one first")
         self.load_tuned(tuned)
@@ -534,6 +544,7 @@ class Editor:
         prompts: Prompts,
         config: EditConfig | None = None,
         *,
+        preset: str | None = None,
         out_dir: str | Path,
         name: str = "edited",
         tuned: TunedWeights | None = None,
@@ -543,9 +554,11 @@ class Editor:
 
         Args:
             source: a Clip, or a video file / frame folder (preprocessed with masks).
-            reference: a Clip, a video file / frame folder, or a preset name (:data:`eym.presets.PRESETS`).
+            reference: a :class:`~eym.motion.Motion` resolved for this source, a reference Clip,
+                or a video file / frame folder; None with ``preset``.
             prompts: :class:`Prompts` (see :func:`derive_prompts`).
             config: :class:`EditConfig`; the source's frame count and size come from ``config.preprocess``.
+            preset: a preset motion name (:data:`eym.presets.PRESETS`) instead of ``reference``.
             out_dir: where ``<name>.mp4``, ``<name>.side_by_side.mp4`` and ``<name>.settings.json`` go.
             name: file name stem of the outputs.
             tuned: use these tuned weights instead of tuning (or looking up the cache).
@@ -562,11 +575,15 @@ class Editor:
         check_prompt_lengths(self.components.tokenizer, prompts)  # before tuning, not after it
         started = time.perf_counter()
         source_clip = self.load_source(source, config, callback=callback)
-        reference_clip = self.load_reference(reference, source_clip, config, callback=callback)
+        if isinstance(reference, Motion):
+            motion = reference
+        else:
+            motion = resolve_motion(source_clip, reference=reference, preset=preset, config=config.preprocess,
+                                    retarget=config.infer.retarget, callback=callback)
         if tuned is None:
             tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
-        frames = self.infer(source_clip, reference_clip, prompts, tuned, config.infer, callback=callback)
-        ref_skeletons = motion_skeletons(source_clip, reference_clip, retarget=config.infer.retarget)
+        frames = self.infer(source_clip, motion, prompts, tuned, config.infer, callback=callback)
+        ref_skeletons = motion.skeletons
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -580,7 +597,7 @@ class Editor:
         settings = {
             "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
             "source": {"input": _describe_input(source), "content_hash": source_clip.content_hash},
-            "reference": {"input": _describe_input(reference), "content_hash": reference_clip.content_hash},
+            "reference": {"input": motion.label, "content_hash": motion.reference.content_hash},
             "model": self.components.model_id,
             "controlnet": self.components.controlnet_id,
             "config": to_dict(config),
@@ -592,7 +609,7 @@ class Editor:
         }
         settings_path = atomic_write_json(out_dir / f"{name}.settings.json", settings)
         return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames,
-                          skeletons=ref_skeletons)
+                          motion=motion)
 
     def load_source(self, source, config: EditConfig, *, callback: ProgressCallback | None = None):
         """A Clip as given, or a video file / frame folder preprocessed with person masks."""
@@ -601,67 +618,6 @@ class Editor:
 
             return preprocess(Path(source), config.preprocess, with_masks=config.tune.mask_background, callback=callback)
         return source
-
-    def load_reference(self, reference, source, config: EditConfig, *, callback: ProgressCallback | None = None):
-        """A Clip as given, a preset motion by name (fitted to the source person), or a video preprocessed without masks."""
-        if not isinstance(reference, (str, Path)):
-            return reference
-        from eym.presets import PRESETS, preset_clip
-        from eym.preprocess import preprocess
-
-        if isinstance(reference, str) and reference in PRESETS and not Path(reference).exists():
-            return preset_clip(reference, source)
-        if not Path(reference).exists():
-            raise EymError(f"reference {str(reference)!r} is neither a file/folder nor a preset ({', '.join(PRESETS)})")
-        return preprocess(Path(reference), config.preprocess, with_masks=False, callback=callback)
-
-
-def motion_keypoints(source, reference, *, retarget: bool = True) -> np.ndarray | None:
-    """The keypoints of the motion that drives the editing branch, (F, 18, 3), or None if the reference has none.
-
-    Retargeting fits the reference motion to the source person's bone lengths and hip position
-    (not in the paper, expected by users); it needs keypoints of both clips and happens here
-    only, once per edit. A motion already fitted to this source (a preset,
-    ``reference.fitted_to``) is used as it is.
-    """
-    from eym.pose import retarget as retarget_keypoints
-
-    fitted_to = getattr(reference, "fitted_to", "")
-    if fitted_to and fitted_to != source.content_hash:
-        raise EymError("the preset motion was fitted to another source video; choose the preset again for this one")
-    source_kps, ref_kps = getattr(source, "keypoints", None), getattr(reference, "keypoints", None)
-    if ref_kps is None:
-        return None
-    if retarget and not fitted_to and source_kps is not None:
-        return retarget_keypoints(np.asarray(ref_kps), np.asarray(source_kps))
-    return np.asarray(ref_kps, np.float32)
-
-
-def motion_skeletons(source, reference, *, retarget: bool = True) -> np.ndarray:
-    """The skeleton images S_rf that drive the editing branch, (F, H, W, 3) uint8; the app's preview shows these.
-
-    Retargeted (:func:`motion_keypoints`) and drawn when asked and both clips have keypoints;
-    else the reference's own skeleton images.
-    """
-    from eym.pose import draw_skeletons
-
-    frames = np.asarray(source.frames)
-    F, H, W, _ = frames.shape
-    ref_skeletons = np.asarray(reference.skeletons)
-    if len(ref_skeletons) != F:
-        raise EymError(
-            f"the reference has {len(ref_skeletons)} frames and the source {F}; "
-            "preprocess both with the same --frames"
-        )
-    fitted = bool(getattr(reference, "fitted_to", ""))
-    keypoints = motion_keypoints(source, reference, retarget=retarget)
-    if retarget and not fitted:
-        if keypoints is not None and getattr(source, "keypoints", None) is not None:
-            return draw_skeletons(keypoints, H, W)
-        logger.warning("retargeting needs keypoints of both clips; using the reference skeletons as they are")
-    if ref_skeletons.shape[1:3] != (H, W):
-        raise EymError(f"the reference is {ref_skeletons.shape[2]}x{ref_skeletons.shape[1]} and the source {W}x{H}; preprocess both at the same --size")
-    return ref_skeletons.astype(np.uint8)
 
 
 def _describe_input(value) -> str:

@@ -754,10 +754,8 @@ def evaluate_files(
 
     ref_kp, ref_desc = None, None
     if reference is not None:
-        from eym.editor import motion_keypoints
-
-        ref_clip, ref_desc = _reference_clip(reference, prep, src, callback)
-        ref_kp = motion_keypoints(src, ref_clip, retarget=retarget)  # as the edit did: presets fitted once
+        motion = _reference_motion(reference, prep, src, retarget, callback)
+        ref_kp, ref_desc = motion.keypoints, motion.label  # as the edit did: presets fitted once
     settings = {
         "inputs": {"edited": str(edited), "source": str(source), "reference": ref_desc},
         "sampling": {"num_frames": num_frames, "size": size, "start": start, "stride": stride,
@@ -770,17 +768,17 @@ def evaluate_files(
                     callback=callback)
 
 
-def _reference_clip(reference: str | Path, prep: Any, source: Any, callback: ProgressCallback | None) -> tuple[Any, str]:
-    """The reference clip from a video/folder, or a preset motion by name (fitted to the source)."""
-    from eym.preprocess import preprocess
+def _reference_motion(reference: str | Path, prep: Any, source: Any, retarget: bool,
+                      callback: ProgressCallback | None) -> Any:
+    """The motion of ``--reference``: a video/folder, or (when no such path exists) a preset name."""
+    from eym.motion import resolve_motion
+    from eym.presets import PRESETS
 
     path = Path(reference)
-    if not path.exists():
-        from eym.presets import PRESETS, preset_clip
-
-        if str(reference) in PRESETS:
-            return preset_clip(str(reference), source, config=prep), f"preset:{reference}"
-        raise EymError(
-            f"reference {reference} is neither a file/folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
-        )
-    return preprocess(path, prep, with_masks=False, callback=callback), str(path)
+    if path.exists():
+        return resolve_motion(source, reference=path, config=prep, retarget=retarget, callback=callback)
+    if str(reference) in PRESETS:
+        return resolve_motion(source, preset=str(reference), config=prep, retarget=retarget)
+    raise EymError(
+        f"reference {reference} is neither a file/folder nor a preset; presets: {', '.join(sorted(PRESETS))}"
+    )

@@ -438,3 +438,19 @@ def _worker_main(request: str) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_worker_main(sys.argv[1]))
+
+
+def check_upload(path: str | Path, config, limits) -> None:
+    """Probe an upload (size, container, codec, frame count) before any decoding work or cache lookup.
+
+    Args:
+        path: the uploaded file.
+        config: the ``PreprocessConfig`` it will be sampled with (the frames it must have).
+        limits: :class:`ProbeLimits`.
+    """
+    from eym.errors import EymError
+
+    if not Path(path).is_file():  # the page takes video files; a folder of frames is a CLI input
+        raise EymError(f"{Path(path).name} is not a video file; upload one video (mp4, mov, webm...)")
+    needed = config.start + (config.num_frames - 1) * config.stride + 1 if config.stride else config.num_frames
+    probe(path, limits=limits, min_frames=needed)

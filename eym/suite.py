@@ -188,38 +188,24 @@ def _pair_key(entry: Any, edit_config: Any, eval_config: EvalConfig | None, mode
     })
 
 
-def _reference_clip(entry: Any, source: Any, prep: Any, callback: ProgressCallback | None) -> Any:
-    """The entry's reference: a preprocessed video (skeletons only) or a preset motion clip (fitted once)."""
-    from eym.preprocess import preprocess
-    from eym.presets import preset_clip
-
-    if entry.preset is not None:
-        return preset_clip(entry.preset, source, config=prep)
-    return preprocess(entry.reference, prep, with_masks=False, callback=callback)
-
-
-def _driving_keypoints(source: Any, reference: Any, edit_config: Any) -> np.ndarray:
-    """(F, 18, 3) the skeletons the editing branch was conditioned on (retargeted if the edit did)."""
-    from eym.editor import motion_keypoints
-
-    return motion_keypoints(source, reference, retarget=edit_config.infer.retarget)
-
-
 def _run_pair(entry: Any, edit_config: Any, eval_config: EvalConfig | None, get_editor: Callable[[], Any], folder: Path,
               callback: ProgressCallback | None) -> EvalReport | None:
     """Preprocess, edit, evaluate (unless ``eval_config`` is None) and draw one pair into ``folder``
     (a temporary build folder)."""
+    from eym.motion import resolve_motion
     from eym.pose import draw_skeletons
     from eym.preprocess import preprocess
 
     prep = edit_config.preprocess
     prompts = entry_prompts(entry)
     source = preprocess(entry.source, prep, with_masks=True, callback=callback)
-    reference = _reference_clip(entry, source, prep, callback)
+    # the entry's reference video, or its preset motion (fitted to the source once)
+    motion = resolve_motion(source, reference=None if entry.preset is not None else entry.reference,
+                            preset=entry.preset, config=prep, retarget=edit_config.infer.retarget, callback=callback)
     # the model is loaded only now: a pair whose inputs are unusable fails before that
-    result = get_editor().edit(source, reference, prompts, edit_config, out_dir=folder,
+    result = get_editor().edit(source, motion, prompts, edit_config, out_dir=folder,
                                name=Path(EDITED_VIDEO).stem, callback=callback)
-    driving = _driving_keypoints(source, reference, edit_config)
+    driving = result.motion.keypoints  # the keypoints the editing branch was conditioned on
 
     settings = {
         "pair": entry.name,

@@ -95,7 +95,7 @@ def test_prompts_over_the_text_encoder_limit_are_refused(editor, tmp_path):
         check_prompt_lengths(tokenizer, long)
     # the edit refuses before any work (no preprocessing, no tuning): the clip here is not even valid
     with pytest.raises(EymError, match="target prompt P_t is"):
-        editor.edit(SimpleNamespace(), "wave", long, out_dir=tmp_path)
+        editor.edit(SimpleNamespace(), None, long, preset="wave", out_dir=tmp_path)
     assert not (editor.cache_dir).exists() or not list(editor.cache_dir.iterdir())
 
 

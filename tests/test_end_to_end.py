@@ -82,7 +82,7 @@ def _edit_twice(components, config: EditConfig, tmp_path) -> None:
 
     # another motion (a preset) for the same source: tuning is found, not run again
     stages.clear()
-    second = editor.edit(source, "raise_arms", PROMPTS, config, out_dir=tmp_path / "second",
+    second = editor.edit(source, None, PROMPTS, config, preset="raise_arms", out_dir=tmp_path / "second",
                          callback=lambda stage, step, total: stages.append(stage))
     assert second.reused_tuning and not {"stage1", "stage2"} & set(stages)
     again = json.loads(second.settings.read_text())

@@ -72,7 +72,7 @@ def _lone(editor, args: dict, out: Path) -> np.ndarray:
                                ddim_steps=args["ddim_steps"], inject_layers=args["inject_layers"],
                                inject_start=args["inject_start"], inject_end=args["inject_end"], retarget=args["retarget"])
     src = app.load_source(args["source"], config, limits)
-    ref = app.load_motion(args["mode"], args["reference"], None, src, config, limits)
+    ref = app.load_motion(args["mode"], args["reference"], None, src, config, limits, retarget=settings.infer.retarget)
     return _frames(editor.edit(src, ref, prompts, settings, out_dir=out).video)
 
 
@@ -261,8 +261,16 @@ def test_the_page_takes_video_files_only(tmp_path):
     """A folder sent through the API is not a video upload (frame folders are a CLI input)."""
     from eym.errors import EymError
     from eym.preprocess import PreprocessConfig
-    from eym.probe import ProbeLimits
+    from eym.probe import ProbeLimits, check_upload
+
+    from tests.synthetic import synthetic_clip
 
     (tmp_path / "frames").mkdir()
+    config = PreprocessConfig(num_frames=4, size=64)
     with pytest.raises(EymError, match="is not a video file"):
-        app.check_upload(tmp_path / "frames", PreprocessConfig(num_frames=4, size=64), ProbeLimits())
+        check_upload(tmp_path / "frames", config, ProbeLimits())
+    with pytest.raises(EymError, match="is not a video file"):
+        app.load_source(tmp_path / "frames", config, ProbeLimits())
+    with pytest.raises(EymError, match="is not a video file"):  # the reference upload: the same probe
+        app.load_motion(app.MOTION_REFERENCE, str(tmp_path / "frames"), None, synthetic_clip(4, 64), config,
+                        ProbeLimits(), retarget=True)

@@ -102,7 +102,8 @@ def test_pack_round_trip_and_damage(trained, tmp_path):
 def test_editor_edit_on_the_mini_model(trained, tmp_path):
     import run_edits
 
-    from eym.editor import EditConfig, Editor, InferConfig, motion_skeletons
+    from eym.editor import EditConfig, Editor, InferConfig
+    from eym.motion import motion_skeletons
     from eym.models import load_components
     from eym.tuning import TuneConfig
 

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from eym.editor import Editor, InferConfig, Prompts, encode_prompts, motion_skeletons
+from eym.editor import Editor, InferConfig, Prompts, encode_prompts
+from eym.motion import motion_skeletons
 from eym.errors import EymError
 from eym.injection import InjectionSchedule
 from eym.sampling import ddim_invert, ddim_timesteps
@@ -369,12 +370,14 @@ def test_preview_shows_the_skeletons_that_drive_the_edit(tuned_editor, preset):
     tuned = editor.tune(source, PROMPTS, TuneConfig(steps1=1, steps2=1, checkpoint_every=0))
     config = PreprocessConfig(num_frames=F, size=SIZE)
     shown = app.preview_motion(app.MOTION_PRESET, None, preset, source, config, None, retarget=True)
-    reference = app.load_motion(app.MOTION_PRESET, None, preset, source, config, None)
+    motion = app.load_motion(app.MOTION_PRESET, None, preset, source, config, None, retarget=True)
+    reference = motion.reference
+    assert np.array_equal(motion.skeletons, shown) and motion.label == f"preset:{preset}"
     assert np.array_equal(shown, draw_skeletons(preset_motion(preset, F, source.keypoints), SIZE, SIZE))
 
     recorder = Recorder(editor.components.unet, editor.components.controlnet)
     try:
-        editor.infer(source, reference, PROMPTS, tuned, InferConfig(ddim_steps=1, retarget=True))
+        editor.infer(source, motion, PROMPTS, tuned, InferConfig(ddim_steps=1, retarget=True))
     finally:
         recorder.close()
     driving = recorder.controlnet_calls[-1]["cond"][F:]  # the editing branch's ControlNet input
