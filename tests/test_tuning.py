@@ -218,13 +218,18 @@ def test_resume_equals_uninterrupted(components, tmp_path, stop_at):
         assert torch.allclose(result.tensors[name], value, atol=1e-6, rtol=0), name
 
 
+def _interrupt_in_stage2(c, data, config, checkpoint_dir) -> None:
+    """Tune job "A" and stop it after stage 2's first step, leaving its checkpoint behind."""
+    with pytest.raises(Interrupt):
+        tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=checkpoint_dir, fingerprint="A",
+                 callback=lambda s, i, n: (_ for _ in ()).throw(Interrupt) if (s, i) == ("stage2", 1) else None, disable=True)
+
+
 def test_checkpoint_of_another_job_or_damaged_is_ignored(components, tmp_path):
     c = components
     config = TuneConfig(steps1=2, steps2=2, lr=1e-3, checkpoint_every=1)
     data = random_data()
-    with pytest.raises(Interrupt):
-        tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="A",
-                 callback=lambda s, i, n: (_ for _ in ()).throw(Interrupt) if (s, i) == ("stage2", 1) else None, disable=True)
+    _interrupt_in_stage2(c, data, config, tmp_path)
     other = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="B", disable=True)
     assert other.resumed_from is None and len(other.history) == 4
     (tmp_path / "checkpoint.pt").write_bytes(b"torn write")
@@ -252,9 +257,7 @@ def test_bit_flipped_checkpoint_is_detected_and_not_resumed(components, tmp_path
     c = components
     config = TuneConfig(steps1=2, steps2=2, lr=1e-3, checkpoint_every=1)
     data = random_data()
-    with pytest.raises(Interrupt):
-        tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="A",
-                 callback=lambda s, i, n: (_ for _ in ()).throw(Interrupt) if (s, i) == ("stage2", 1) else None, disable=True)
+    _interrupt_in_stage2(c, data, config, tmp_path)
     path = tmp_path / "checkpoint.pt"
     intact = read_checkpoint(path)
     assert intact is not None and (intact["stage"], intact["step"]) == (2, 1)
