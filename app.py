@@ -949,27 +949,10 @@ def load_editors(args: argparse.Namespace) -> list:
 
 
 def load_editor(model: str | None, controlnet: str | None, device: str | None, dtype: str):
-    """Load the components once and wrap them in an Editor.
-
-    With no ``--model`` (and no ``$EYM_MODEL``), SD 1.5 is taken from the local cache if it is
-    there, else the tiny random-weight bundle (the page then says results are noise). An
-    explicitly named model that cannot be loaded is an error.
-    """
-    import torch
-
+    """SD 1.5 from the local cache, else (with no ``--model``) the tiny random-weight model: the page says so."""
     from eym.editor import Editor
-    from eym.models import DEFAULT_MODEL, TINY, load_components
 
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    if model is None:
-        try:
-            components = load_components(DEFAULT_MODEL, controlnet, dtype=torch_dtype, device=device)
-        except EymError as err:
-            logger.warning("no Stable Diffusion weights available (%s); starting on the tiny demo model", err)
-            components = load_components(TINY, None, dtype=torch_dtype, device=device)
-    else:
-        components = load_components(model, controlnet, dtype=torch_dtype, device=device)
-    return Editor(components)
+    return Editor.from_pretrained(model, controlnet, device=device, dtype=dtype, tiny_fallback=True)
 
 
 def launch_demo(demo: gr.Blocks, *, host: str, port: int, outputs_dir: Path, max_upload_mb: int,

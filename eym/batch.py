@@ -300,9 +300,8 @@ def run_batch(
         nonlocal editor
         if editor is None:
             from eym.editor import Editor
-            from eym.models import load_components
 
-            editor = Editor(load_components(model, controlnet, device=device), disable_progress=not show_progress)
+            editor = Editor.from_pretrained(model, controlnet, device=device, disable_progress=not show_progress)
         return editor
 
     # 3. this rank's edits; a failure is recorded and the rank goes on

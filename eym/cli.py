@@ -378,16 +378,17 @@ def _editor_prompts(args: argparse.Namespace):
 
 def _load_editor(args: argparse.Namespace):
     from eym.editor import Editor
-    from eym.models import DEFAULT_MODEL, describe, load_components
-
     from eym.env import allow_cpu_from_env, check_cpu_choice, detect_device
+    from eym.models import describe
 
-    components = load_components(args.model or DEFAULT_MODEL, args.controlnet, device=args.device)
+    editor = Editor.from_pretrained(args.model, args.controlnet, device=args.device, cache_dir=args.cache_dir,
+                                    disable_progress=args.quiet)
+    components = editor.components
     logging.getLogger("eym").info("model: %s", describe(components))
     if not components.is_tiny and components.device.type == "cpu":
         check_cpu_choice(is_tiny=False, device="cpu", allow_cpu=args.allow_cpu or allow_cpu_from_env(),
                          report=detect_device())
-    return Editor(components, cache_dir=args.cache_dir, disable_progress=args.quiet)
+    return editor
 
 
 def _reference_arg(args: argparse.Namespace) -> tuple[str | None, str | None]:

@@ -267,6 +267,45 @@ class Editor:
         # tensors on the CPU, least recently used dropped first.
         self._inversions: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        controlnet: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        tiny_fallback: bool = False,
+        cache_dir: str | Path | None = None,
+        disable_progress: bool = False,
+    ) -> "Editor":
+        """Load the components and wrap them in an Editor: the one factory of the app, CLI, suite and batch.
+
+        Args:
+            model: as :func:`eym.models.load_components`; ``None``: :data:`eym.models.DEFAULT_MODEL`.
+            controlnet: as :func:`eym.models.load_components`.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; default CUDA if available.
+            dtype: a torch dtype or its name (``"bfloat16"``); ``None`` or ``"auto"``: the device's default.
+            tiny_fallback: with ``model=None``, start on the tiny random-weight model when SD 1.5 is
+                not on the machine (the app's offline start) instead of raising.
+            cache_dir, disable_progress: as :class:`Editor`.
+
+        Raises:
+            EymError: a named model that cannot be loaded.
+        """
+        from eym.models import DEFAULT_MODEL, TINY, load_components
+
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        try:
+            components = load_components(model or DEFAULT_MODEL, controlnet, dtype=dtype, device=device)
+        except EymError as err:
+            if model is not None or not tiny_fallback:
+                raise
+            logger.warning("no Stable Diffusion weights available (%s); starting on the tiny demo model", err)
+            components = load_components(TINY, None, dtype=dtype, device=device)
+        return cls(components, cache_dir=cache_dir, disable_progress=disable_progress)
+
     # -- tuning ------------------------------------------------------------------------------
     def tuned_key(self, source, prompts: Prompts, config: TuneConfig) -> str:
         """The cache key of tuning ``source``: content hash, models, P_c, P_s, settings. No reference."""

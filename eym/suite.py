@@ -285,7 +285,9 @@ def run_suite(
     def get_editor() -> Any:
         nonlocal editor
         if editor is None:
-            editor = _build_editor(model, controlnet, device, disable_progress)
+            from eym.editor import Editor
+
+            editor = Editor.from_pretrained(model, controlnet, device=device, disable_progress=disable_progress)
         return editor
 
     outcomes: list[PairOutcome] = []
@@ -363,13 +365,6 @@ def run_pair(
     seconds = time.perf_counter() - started
     logger.info("suite: %s done in %.1f s", entry.name, seconds)
     return PairOutcome(entry.name, folder, report, reused=False, seconds=seconds)
-
-
-def _build_editor(model: str, controlnet: str | None, device: str | None, disable_progress: bool) -> Any:
-    from eym.editor import Editor
-    from eym.models import load_components
-
-    return Editor(load_components(model, controlnet, device=device), disable_progress=disable_progress)
 
 
 def _write_tables(result: SuiteResult, out_dir: Path) -> None:
