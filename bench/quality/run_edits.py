@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="where pair<N>.npz and run_log.json go ($OUT)")
     parser.add_argument("--frames", type=int, default=lab.EVAL_FRAMES)
     parser.add_argument("--pairs", type=int, default=len(lab.PAIRS), help="the first N pairs")
+    parser.add_argument("--only", type=str, default=None, help="comma list of pair indices to run instead (e.g. one a budgeted run skipped)")
     parser.add_argument("--steps1", type=int, default=150)
     parser.add_argument("--steps2", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_tune = TuneConfig(steps1=args.steps1, steps2=args.steps2, lr=args.lr, checkpoint_every=0, gradient_checkpointing=False)
     base_infer = InferConfig(ddim_steps=args.ddim_steps, retarget=False)  # driving skeletons are retargeted already
     pairs = list(range(min(args.pairs, len(meta["pairs"]))))
+    if args.only:
+        pairs = [int(p) for p in args.only.split(",") if 0 <= int(p) < len(meta["pairs"])]
     log = {"model": str(model), "device": str(components.device), "dtype": str(components.dtype),
            "settings": {"frames": args.frames, "tune": {"steps1": args.steps1, "steps2": args.steps2, "lr": args.lr}, "ddim_steps": args.ddim_steps},
            "rows": [{"name": r.name, "what": r.what, "tune": r.tune, "infer": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in r.infer.items()}} for r in rows],
