@@ -14,7 +14,8 @@ from conftest import motioneditor_clip as case_clip
 import torch
 
 from eym.config import from_dict, to_dict
-from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts
+from eym.editor import EditConfig, Editor, InferConfig
+from eym.prompts import Prompts, derive_content_prompt, derive_prompts
 from eym.injection import INJECTION_PRESETS, InjectionSchedule
 from eym.errors import EymError
 from eym.tuning import TuneConfig
@@ -86,7 +87,7 @@ def test_content_prompt_and_tuning_key_never_depend_on_the_target(editor, target
 
 
 def test_prompts_over_the_text_encoder_limit_are_refused(editor, tmp_path):
-    from eym.editor import check_prompt_lengths
+    from eym.prompts import check_prompt_lengths
 
     tokenizer = editor.components.tokenizer
     check_prompt_lengths(tokenizer, PROMPTS)  # within the limit: nothing happens
@@ -221,7 +222,7 @@ def test_tuning_a_second_source_starts_from_the_base_weights(components, media, 
     editor.tune(source_a, PROMPTS, FAST)
     after_a = load_file(editor.tune(source_b, PROMPTS, FAST).tensors_path)
     alone = Editor(components, cache_dir=tmp_path / "two", disable_progress=True)
-    alone._restore_base()
+    alone.store.restore_base()
     b_alone = load_file(alone.tune(source_b, PROMPTS, FAST).tensors_path)
     assert set(after_a) == set(b_alone)
     for name in b_alone:

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from eym.editor import Editor, InferConfig, Prompts, encode_prompts
+from eym.editor import Editor, InferConfig
+from eym.prompts import Prompts, encode_prompts
 from eym.motion import motion_skeletons
 from eym.errors import EymError
 from eym.injection import InjectionSchedule
