@@ -162,6 +162,42 @@ def test_cli_injection_flags(tmp_path):
         infer("--injection", "sometimes")
 
 
+def test_cli_commands_share_one_edit_settings_builder():
+    """edit, suite and batch take the same edit flags with the same defaults, and build equal configs."""
+    import argparse
+
+    from eym.cli import _add_edit_settings, _edit_config, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    settings = argparse.ArgumentParser()
+    _add_edit_settings(settings, "settings", inference=True)
+    flags = {o for a in settings._actions for o in a.option_strings} - {"-h", "--help"}
+    assert {"--seed", "--lr", "--guidance", "--ddim-steps", "--settings"} <= flags
+    for name in ("edit", "infer", "suite", "batch"):
+        own = {o for a in commands[name]._actions for o in a.option_strings}
+        assert flags | {"--model", "--controlnet"} <= own, (name, flags - own)
+
+    def parse(*extra):
+        return [parser.parse_args(args + list(extra)) for args in (
+            ["edit", "src", "--preset", "wave", "--source-prompt", SOURCE_PROMPT, "--target-prompt", TARGET_PROMPT, "--out", "o.mp4"],
+            ["suite", "gallery.yaml", "--out", "o"],
+            ["batch", "gallery.yaml", "--out", "o"])]
+
+    given = parse("--seed", "7", "--lr", "1e-4", "--guidance", "2.5", "--frames", "4", "--size", "64", "--steps1", "3",
+                  "--steps2", "4", "--ddim-steps", "5", "--mixed-precision", "no", "--inject-layers", "up",
+                  "--injection-weighting", "balanced", "--no-retarget", "--model", "tiny")
+    configs = [_edit_config(a) for a in given]
+    assert configs[0] == configs[1] == configs[2]
+    c = configs[0]
+    assert (c.tune.seed, c.tune.lr, c.infer.guidance_scale, c.infer.ddim_steps, c.preprocess.size) == (7, 1e-4, 2.5, 5, 64)
+    assert c.infer.injection.layers == "up" and not c.infer.retarget
+    assert {a.model for a in given} == {"tiny"}
+    # no flags: the library's defaults, and no model named (DEFAULT_MODEL, through Editor.from_pretrained)
+    defaults = parse()
+    assert all(_edit_config(a) == EditConfig() for a in defaults) and {a.model for a in defaults} == {None}
+
+
 # ---------------------------------------------------------------------------------------------
 # the tuned-weights cache
 # ---------------------------------------------------------------------------------------------
