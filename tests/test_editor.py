@@ -109,6 +109,29 @@ def test_derive_prompts_from_subject_and_motions():
         derive_prompts(source="  ", target="x")
 
 
+def test_compose_prompts_cleans_and_is_the_apps_rule():
+    """eym.prompts.compose_prompts, the one cleaning path of the CLI and the app."""
+    from eym.prompts import compose_prompts
+
+    p = compose_prompts("a girl\x1b[31m in red\u202e", "dancing\x07", "waving", target="")
+    assert p == Prompts("A girl in red.", "A girl in red is dancing.", "A girl in red is waving.")
+    assert compose_prompts(source=" A man is\tjumping. ", require_target=False) == Prompts("A man.", "A man is jumping.", "")
+    with pytest.raises(EymError, match="target motion is empty"):
+        compose_prompts(source="A man is jumping.")
+    with pytest.raises(EymError, match="subject description is empty"):
+        compose_prompts("  ", "dancing", "jumping")
+    with pytest.raises(EymError, match="source prompt P_s must be text"):
+        compose_prompts(source=3)
+
+    # the app's rule (app.compose_prompts gave exactly these when this test was written)
+    red = "A man in a red suit"
+    assert compose_prompts(red, "practicing tai chi", "raising both arms") == \
+        Prompts(f"{red}.", f"{red} is practicing tai chi.", f"{red} is raising both arms.")
+    assert compose_prompts(red, "practicing tai chi", "raising both arms", target="A man is bowing.").target == "A man is bowing."
+    assert compose_prompts(content="A man.", source="A man is walking.", target="A man is\x1b[0m running.") == \
+        Prompts("A man.", "A man is walking.", "A man is running.")
+
+
 def test_edit_config_round_trips_and_rejects_typos():
     config = from_dict(EditConfig, {"preprocess": {"num_frames": 4, "size": 64}, "tune": {"steps1": 5},
                                     "infer": {"injection": {"layers": "up", "start_step": 4}, "guidance_scale": 2}})
