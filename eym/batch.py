@@ -9,9 +9,9 @@ process, a *rank*, does its share; started without accelerate it is one rank doi
 How the work is shared, without any communication until the end:
 
 1. **Groups.** Entries whose tuning would be the same land in one group: the group key holds
-   exactly what the tuned-weights cache key depends on (:meth:`eym.editor.Editor.tuned_key`):
-   the source file's content, the sampling/preprocess settings, P_c and P_s, the tuning
-   settings and the model. A group runs on one rank, so each source is tuned once and its
+   made by the same key function as the tuned-weights cache (:func:`eym.tuned.tuning_key`),
+   with the source identified by its file's content and the preprocess settings, and the model
+   by its names (see :func:`group_key`). A group runs on one rank, so each source is tuned once and its
    other edits reuse the tuned weights from that rank's cache.
 2. **Assignment.** Groups are dealt out greedily, largest first (ties by the first entry's
    name), each to the rank with the fewest edits so far (ties: the lowest rank). Every rank
@@ -59,9 +59,6 @@ from eym.progress import ProgressCallback
 logger = logging.getLogger(__name__)
 
 
-# Bump when what decides a group changes (the plan of an earlier run then no longer matches;
-# results stay valid: they are keyed per edit by eym.suite).
-GROUPING_VERSION = 1
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 BATCH_JSON = "batch.json"
@@ -88,7 +85,12 @@ class EditGroup:
 
 
 def group_key(entry: Any, edit_config: Any, model: str, controlnet: str | None) -> str:
-    """What the tuned-weights cache key of an entry depends on, hashed (no reference, no P_t).
+    """The tuned-weights key of an entry (:func:`eym.tuned.tuning_key`), planned before any work.
+
+    The Editor keys tuned weights on the source clip's content hash and the loaded weights'
+    fingerprint; neither exists yet while planning (no preprocessing, no model). So the source
+    is identified by what makes the clip, its file's bytes and the preprocess settings, and the
+    model by its names: entries with equal group keys get equal Editor keys within one run.
 
     Args:
         entry: a :class:`eym.gallery.GalleryEntry`.
@@ -99,19 +101,16 @@ def group_key(entry: Any, edit_config: Any, model: str, controlnet: str | None) 
         A hex key; entries with equal keys would tune to the same weights.
     """
     from eym.suite import entry_prompts, pair_config
+    from eym.tuned import tuning_key
 
     config = pair_config(entry, edit_config)
-    prompts = entry_prompts(entry)
-    return stable_hash({
-        "version": GROUPING_VERSION,
-        "source": hash_path(entry.source),  # the clip's content hash follows from this + preprocess
-        "preprocess": to_dict(config.preprocess),
-        "content_prompt": prompts.content,
-        "source_prompt": prompts.source,
-        "tune": config.tune.result_key(),
-        "model": model,
-        "controlnet": controlnet,
-    })[:32]
+    prep = config.preprocess
+    return tuning_key(
+        source=stable_hash({"file": hash_path(entry.source), "preprocess": to_dict(prep)}),
+        shape=(prep.num_frames, prep.size, prep.size, 3),
+        masked=config.tune.mask_background,  # the suite preprocesses every source with masks
+        prompts=entry_prompts(entry), tune=config.tune, model=model, controlnet=controlnet, weights=None,
+    )
 
 
 def group_entries(entries: Sequence[Any], edit_config: Any, model: str, controlnet: str | None) -> list[EditGroup]:

@@ -216,32 +216,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_suite(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="gallery folder or manifest (gallery.yaml/.json, see docs/EVALUATION.md)")
     p.add_argument("--out", required=True, help="output folder (results.md, results.csv, pairs/<name>/)")
-    p.add_argument("--model", default="tiny", help="base model: tiny | hub id | folder | single file (default: tiny)")
-    p.add_argument("--controlnet", default=None, help="openpose ControlNet (default: the model's or the hub one)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--settings", metavar="FILE", help="edit settings JSON/YAML (eym.editor.EditConfig); flags below override it")
+    _add_model_flags(p.add_argument_group("model"))
     p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
     p.add_argument("--save-examples", action="store_true",
                    help="keep each finished pair as the app's cached example for this model ($EYM_HOME/examples)")
-    e = p.add_argument_group("edit settings (for every pair; an entry's num_frames/start/stride win)")
-    e.add_argument("--frames", type=int, help="frames per clip")
-    e.add_argument("--size", type=int, help="side of the square frames")
-    e.add_argument("--steps1", type=int, help="DPL stage 1 steps")
-    e.add_argument("--steps2", type=int, help="DPL stage 2 steps")
-    e.add_argument("--ddim-steps", type=int, help="DDIM steps of inversion and sampling")
+    _add_edit_settings(p, "edit settings, for every pair (a --settings file first, then these flags; an entry's "
+                          "num_frames/start/stride win)", inference=True)
     _add_eval_settings(p)
-
-
-def _suite_edit_config(args: argparse.Namespace):
-    from eym.config import load_config, replace
-    from eym.editor import EditConfig
-
-    config = load_config(EditConfig, args.settings) if args.settings else EditConfig()
-    prep = {k: v for k, v in (("num_frames", args.frames), ("size", args.size)) if v is not None}
-    tune = {k: v for k, v in (("steps1", args.steps1), ("steps2", args.steps2)) if v is not None}
-    infer = {"ddim_steps": args.ddim_steps} if args.ddim_steps is not None else {}
-    return replace(config, preprocess=replace(config.preprocess, **prep), tune=replace(config.tune, **tune),
-                   infer=replace(config.infer, **infer))
 
 
 @_runner("suite")
@@ -249,7 +230,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     from eym.suite import run_suite
 
     result = run_suite(
-        args.manifest, args.out, model=args.model, controlnet=args.controlnet, edit_config=_suite_edit_config(args),
+        args.manifest, args.out, model=args.model, controlnet=args.controlnet, edit_config=_edit_config(args),
         eval_config=_eval_config(args), device=args.device, names=args.only, disable_progress=args.quiet,
         save_examples=args.save_examples,
     )
@@ -274,17 +255,24 @@ def _add_editor_inputs(p: argparse.ArgumentParser, *, reference: bool) -> None:
     g.add_argument("--target-prompt", required=reference, default="", metavar="P_T", help="the edit: subject + the new motion")
     g.add_argument("--content-prompt", metavar="P_C", help="the subject alone (default: derived from P_s and P_t)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="tiny | hub id | diffusers folder | single-file .safetensors (default: SD 1.5 from the HF cache)")
-    g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    _add_model_flags(g)
     g.add_argument("--cache-dir", default=None, help="tuned-weights cache (default: $EYM_HOME/tuned)")
     g.add_argument("--allow-cpu", action="store_true", help="let a real model run on the CPU (hours per edit; or EYM_ALLOW_CPU=1)")
     _add_edit_settings(p, "settings (a --settings file first, then these flags)", inference=reference)
 
 
+def _add_model_flags(g, *, device: bool = True) -> None:
+    """--model, --controlnet (and --device): the same names and defaults for every command that loads a model."""
+    g.add_argument("--model", default=None, help="tiny | hub id | diffusers folder | single-file .safetensors (default: SD 1.5 from the HF cache)")
+    g.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or lllyasviel/sd-controlnet-openpose)")
+    if device:
+        g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+
+
 def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: bool) -> None:
-    """The EditConfig flags (read back by :func:`_edit_config`); inference ones only where an edit runs."""
-    g = p.add_argument_group("settings (a --settings file first, then these flags)")
+    """The EditConfig flags of every command that tunes or edits (tune, infer, edit, suite, batch), read
+    back by :func:`_edit_config`; the inference ones only where an edit runs."""
+    g = p.add_argument_group(title)
     g.add_argument("--settings", metavar="FILE", help="EditConfig JSON/YAML: {preprocess: {...}, tune: {...}, infer: {...}}")
     g.add_argument("--frames", type=int, help="frames sampled from each video (default 8)")
     g.add_argument("--size", type=int, help="side of the square frames, a multiple of 8 (default 512)")
@@ -307,6 +295,7 @@ def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: boo
 
 
 def _edit_config(args: argparse.Namespace):
+    """The EditConfig of :func:`_add_edit_settings`'s flags: a --settings file first, then the flags given."""
     from eym.config import load_config, replace
     from eym.editor import EditConfig
 
@@ -363,14 +352,12 @@ def _injection_schedule(args: argparse.Namespace, base):
 
 
 def _editor_prompts(args: argparse.Namespace):
-    from eym.editor import derive_prompts
-    from eym.validate import check_prompt
+    from eym.prompts import compose_prompts
 
-    # Cleaned as the app cleans them: control characters (terminal escapes) never reach the
-    # model, the settings file or this terminal.
-    content, source, target = (check_prompt(text, what=what) or None for text, what in (
-        (args.content_prompt, "content prompt"), (args.source_prompt, "source prompt"), (args.target_prompt, "target prompt")))
-    prompts = derive_prompts(content=content, source=source, target=target)
+    # cleaned and composed as the app does (eym.prompts.compose_prompts); P_t is checked by the
+    # edit itself, `eym tune` needs none
+    prompts = compose_prompts(content=args.content_prompt, source=args.source_prompt, target=args.target_prompt,
+                              require_target=False)
     if not args.content_prompt:
         print(f"content prompt (derived): {prompts.content}")
     return prompts
@@ -519,8 +506,7 @@ def _run_gallery(args: argparse.Namespace) -> int:
 def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="gallery folder or manifest (gallery.yaml/.json: source, reference or preset, prompts)")
     p.add_argument("--out", required=True, help="output folder (summary.md/.csv, batch.json, pairs/<name>/); shared by all machines")
-    p.add_argument("--model", default=None, help="tiny | hub id | diffusers folder | single-file .safetensors (default: SD 1.5 from the HF cache)")
-    p.add_argument("--controlnet", default=None, help="openpose ControlNet: hub id | folder | file (default: the model's own or the hub one)")
+    _add_model_flags(p.add_argument_group("model"), device=False)
     p.add_argument("--cpu", action="store_true", help="run every rank on the CPU (ranks then talk over gloo)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this entry (repeatable)")
     p.add_argument("--timeout-hours", type=float, default=24.0, help="how long ranks wait for the busiest one at the end (default 24)")

@@ -1,159 +1,57 @@
 """The Editor: tune once per source video, then edit it with any reference motion.
 
-This is the API the CLI, the app, the suite and batch share. An edit is
+This is the API the CLI, the app, the suite and batch share. :meth:`Editor.edit` is the whole
+edit as a numbered recipe:
 
-1. preprocess the source (frames, skeletons, masks) and the reference (skeletons only), or take
-   a built-in preset motion as the reference (:mod:`eym.preprocess`, :mod:`eym.presets`);
-2. tune: DPL stage 1 + 2 on the source (:mod:`eym.tuning`), or reuse a cached result. The
-   result depends on the source, its prompts, the base model and the tuning settings, never on
-   the reference, so it is cached under a key of exactly those (``<cache_dir>/<key>/``:
-   ``tuned.safetensors`` with only the trained tensors, ``manifest.json``);
-3. infer: DDIM inversion of the source with the tuned model, then the reconstruction and the
-   editing branch side by side with key/value injection (:mod:`eym.sampling`);
-4. write the edited video, a side-by-side (source | reference skeleton | edited) and the
-   run's settings next to it.
+1. check inputs (prompts, steps: before any work);
+2. source and motion: preprocess the source (frames, skeletons, masks) and resolve the motion
+   from a reference video or a preset (:mod:`eym.preprocess`, :mod:`eym.motion`);
+3. encode the three prompts once (:mod:`eym.prompts`);
+4. tune: DPL stage 1 + 2 on the source (:mod:`eym.tuning`), or reuse the cached result; the
+   tuned tensors live in :mod:`eym.tuned` (their key, their folder, which ones the UNet holds);
+5. invert the source with the tuned model (DDIM, cached per source);
+6. sample the reconstruction and the editing branch side by side with key/value injection
+   (:mod:`eym.sampling`);
+7. decode the editing branch;
+8. write the edited video, a side-by-side (source | reference skeleton | edited) and the run's
+   settings next to it.
 
-The Editor inflates the UNet once and keeps a CPU copy of the weights tuning starts from
-(SD's RC-Attn weights and the fresh temporal attention), so tuning source B after source A
-starts from SD, not from A's result; it swaps tuned tensors in and out per source.
+The Editor inflates the UNet once; :class:`eym.tuned.TunedStore` keeps a CPU copy of the weights
+tuning starts from (SD's RC-Attn weights and the fresh temporal attention), so tuning source B
+after source A starts from SD, not from A's result.
 """
 
 from __future__ import annotations
 
 import collections
 import gc
-import json
 import logging
-import re
 import shutil
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from eym.cache import atomic_write_json, building, load_entry, sha256_bytes, stable_hash
+from eym.cache import atomic_write_json, sha256_bytes, stable_hash
 from eym.config import to_dict
 from eym.errors import EymError
-from eym.validate import check_ddim_steps, check_ranges
 from eym.injection import InjectionSchedule, injection_preset
 from eym.motion import Motion, motion_skeletons, resolve_motion
-from eym.preprocess import PreprocessConfig
+from eym.preprocess import Clip, PreprocessConfig
 from eym.progress import ProgressCallback
+from eym.prompts import (  # derive_prompts: app.py imports it from here
+    PromptEmbeds, Prompts, check_prompt_filled, check_prompt_lengths, derive_prompts, encode_prompt_embeds,
+    encode_prompts,
+)
+from eym.tuned import TUNED_KIND, TUNING_VERSION, TunedStore, TunedWeights, find_tuned, open_tuned, save_tuned, tuning_key
 from eym.tuning import TuneConfig, TuningData, tune_dpl
+from eym.validate import check_ddim_steps, check_ranges
 
 logger = logging.getLogger(__name__)
 
-TUNED_FILE = "tuned.safetensors"
-TUNED_MANIFEST = "manifest.json"
-TUNED_KIND = "eym-tuned"
-# Bump when tuning changes what it computes: older cache entries then stop matching.
-TUNING_VERSION = 1
 INVERSION_CACHE_SIZE = 4  # inverted sources an Editor keeps (CPU tensors of (1, 4, F, h, w))
-
-
-# ---------------------------------------------------------------------------------------------
-# prompts
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prompts:
-    """The paper's three prompts."""
-
-    content: str  # P_c: the subject alone, "A boy wearing black clothes and gray pants."
-    source: str  # P_s: P_c plus the source motion, "... is dancing."
-    target: str  # P_t: P_c plus the target motion, "... is playing basketball."
-
-
-# "is/are <verb>ing": where the motion phrase of a prompt starts
-_BE = {"is", "are"}
-
-
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-def _bare(word: str) -> str:
-    return re.sub(r"[^\w-]", "", word.lower())
-
-
-def _sentence(text: str) -> str:
-    """Collapse whitespace, capitalise the first letter, end with one period."""
-    text = " ".join(text.split()).rstrip(" .,;:")
-    if not text:
-        return ""
-    return text[0].upper() + text[1:] + "."
-
-
-def derive_content_prompt(source: str) -> str:
-    """P_c from P_s alone: the subject, i.e. the words before the motion phrase.
-
-    Rule: the motion phrase starts at the last "is/are <word>ing" of P_s ("A girl who is
-    wearing a dress is dancing" gives "A girl who is wearing a dress."); without an "-ing" word
-    at the last "is/are"; failing that, P_s itself (minus its final period) is P_c. P_t plays no
-    part: tuning, and so its cache key, depends on the source side only (METHOD.md "Training").
-
-    Args:
-        source: P_s, e.g. "A boy in black is dancing on the beach."
-
-    Returns:
-        P_c as a sentence, e.g. "A boy in black."
-    """
-    words = _words(source)
-    be = [i for i, w in enumerate(words) if i > 0 and _bare(w) in _BE]
-    verbs = [i for i in be if i + 1 < len(words) and _bare(words[i + 1]).endswith("ing")]
-    cut = (verbs or be or [None])[-1]
-    return _sentence(" ".join(words[:cut]) if cut is not None else source)
-
-
-def derive_prompts(
-    subject: str | None = None,
-    source_motion: str | None = None,
-    target_motion: str | None = None,
-    *,
-    content: str | None = None,
-    source: str | None = None,
-    target: str | None = None,
-) -> Prompts:
-    """Compose the three prompts, either from a subject and two motions or from whole prompts.
-
-    Two ways in (the app uses the first, the CLI the second):
-
-    - ``subject`` + ``source_motion`` + ``target_motion``: P_c = subject, P_s = "<subject> is
-      <source motion>.", P_t = "<subject> is <target motion>." ("is" is not doubled if the
-      motion already starts with "is"/"are").
-    - ``source`` + ``target`` (+ ``content``): whole prompts; a missing P_c is derived from P_s
-      alone by :func:`derive_content_prompt`.
-
-    Args:
-        subject: the subject alone, e.g. "A girl in a white dress".
-        source_motion: what the subject does in the source video, e.g. "dancing on the beach".
-        target_motion: what it should do instead; may be empty when only tuning.
-        content, source, target: whole prompts, overriding the composed ones.
-
-    Returns:
-        :class:`Prompts`; ``target`` may be "" (only :meth:`Editor.infer` needs it).
-
-    Raises:
-        EymError: neither a subject nor a source prompt.
-    """
-    if subject and subject.strip():
-        content = content or _sentence(subject)
-        source = source or (_sentence(_with_be(subject, source_motion)) if source_motion else content)
-        target = target or (_sentence(_with_be(subject, target_motion)) if target_motion else "")
-    if not (source and source.strip()):
-        raise EymError("no source prompt: give --source-prompt (e.g. 'A girl in a white dress is dancing.') or a subject")
-    source = " ".join(source.split())
-    target = " ".join((target or "").split())
-    content = " ".join(content.split()) if content and content.strip() else derive_content_prompt(source)
-    return Prompts(content=content, source=source, target=target)
-
-
-def _with_be(subject: str, motion: str) -> str:
-    motion = motion.strip()
-    first = _bare(motion.split()[0]) if motion else ""
-    return f"{subject.strip()} {motion}" if first in _BE else f"{subject.strip()} is {motion}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,23 +93,6 @@ class EditConfig:
 
 
 @dataclass
-class TunedWeights:
-    """A tuned model for one source: only the trained tensors, and what they were tuned from."""
-
-    path: Path  # the cache entry folder (tuned.safetensors, manifest.json)
-    manifest: dict  # base model, ControlNet, prompts, settings, source content hash, losses
-    reused: bool  # True when found in the cache (no tuning steps ran)
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
-
-    @property
-    def tensors_path(self) -> Path:
-        return self.path / TUNED_FILE
-
-
-@dataclass
 class EditResult:
     """What :meth:`Editor.edit` wrote and returns."""
 
@@ -228,16 +109,10 @@ class EditResult:
         return self.motion.skeletons
 
 
+
 # ---------------------------------------------------------------------------------------------
 # the Editor
 # ---------------------------------------------------------------------------------------------
-# Per UNet: the CPU copy of the tensors tuning starts from, and the key of the tuned tensors it
-# holds now. Kept per model object (not per Editor) so that two Editors over one set of
-# components never take each other's tuned weights for the base weights.
-_BASE_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
-_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
-
-
 class Editor:
     """Tune and edit with one set of loaded components.
 
@@ -249,17 +124,14 @@ class Editor:
 
     def __init__(self, components, *, cache_dir: str | Path | None = None, disable_progress: bool = False):
         from eym.env import eym_home
-        from eym.spacetime import inflate, rc_attn_parameters, temporal_parameters
+        from eym.spacetime import inflate
 
         self.components = components
         self.cache_dir = Path(cache_dir) if cache_dir is not None else eym_home() / "tuned"
         self.disable_progress = disable_progress
-        unet = components.unet
-        inflate(unet)
-        if unet not in _BASE_WEIGHTS:
-            trained = {**rc_attn_parameters(unet), **temporal_parameters(unet)}
-            _BASE_WEIGHTS[unet] = {name: p.detach().to("cpu", copy=True) for name, p in trained.items()}
-            _LOADED[unet] = None
+        inflate(components.unet)
+        # shared by every Editor over this UNet: its base tensors and which tensors it holds
+        self.store = TunedStore.of(components.unet)
         self._model_fingerprint = _model_fingerprint(components)
         # Inverted latents z_T^s of recent sources, keyed by everything inversion depends on
         # (tuned weights, source, P_s, steps, ControlNet scale) and never by the reference or
@@ -306,38 +178,98 @@ class Editor:
             components = load_components(TINY, None, dtype=dtype, device=device)
         return cls(components, cache_dir=cache_dir, disable_progress=disable_progress)
 
-    # -- tuning ------------------------------------------------------------------------------
-    def tuned_key(self, source, prompts: Prompts, config: TuneConfig) -> str:
-        """The cache key of tuning ``source``: content hash, models, P_c, P_s, settings. No reference."""
-        c = self.components
-        masked = config.mask_background and _masks(source) is not None
-        return stable_hash(
-            {
-                "version": TUNING_VERSION,
-                "source": source.content_hash,
-                "shape": list(np.asarray(source.frames).shape),
-                "masked": masked,
-                "model": c.model_id,
-                "controlnet": c.controlnet_id,
-                "weights": self._model_fingerprint,
-                "content_prompt": prompts.content,
-                "source_prompt": prompts.source,
-                "tune": config.result_key(),
-            }
-        )[:32]
+    # -- the whole edit ----------------------------------------------------------------------
+    def edit(
+        self,
+        source: Clip | str | Path,
+        reference: Motion | Clip | str | Path | None,
+        prompts: Prompts,
+        config: EditConfig | None = None,
+        *,
+        preset: str | None = None,
+        out_dir: str | Path,
+        name: str = "edited",
+        tuned: TunedWeights | None = None,
+        callback: ProgressCallback | None = None,
+    ) -> EditResult:
+        """Preprocess, tune (or reuse), invert, sample, decode, and write the results.
 
-    def find_tuned(self, source, prompts: Prompts, config: TuneConfig) -> TunedWeights | None:
+        Args:
+            source: a :class:`~eym.preprocess.Clip`, or a video file / frame folder (preprocessed with masks).
+            reference: a :class:`~eym.motion.Motion` resolved for this source, a reference Clip,
+                or a video file / frame folder; None with ``preset``.
+            prompts: :class:`~eym.prompts.Prompts` (see :func:`eym.prompts.compose_prompts`).
+            config: :class:`EditConfig`; the source's frame count and size come from ``config.preprocess``.
+            preset: a preset motion name (:data:`eym.presets.PRESETS`) instead of ``reference``.
+            out_dir: where ``<name>.mp4``, ``<name>.side_by_side.mp4`` and ``<name>.settings.json`` go.
+            name: file name stem of the outputs.
+            tuned: use these tuned weights instead of tuning (or looking up the cache).
+            callback: progress of every stage ("preprocess", "stage1", ..., "decode").
+
+        Returns:
+            :class:`EditResult`.
+        """
+        c = self.components
+        config = config or EditConfig()
+        started = time.perf_counter()
+
+        # 1. check inputs: before preprocessing and tuning, not after them
+        check_prompt_filled(prompts.target, "target prompt (P_t)")
+        check_ddim_steps(config.infer.ddim_steps, c.scheduler)
+        check_prompt_lengths(c.tokenizer, prompts)
+
+        # 2. source and motion
+        source_clip = self.load_source(source, config, callback=callback)
+        if isinstance(reference, Motion):
+            motion = reference
+        else:
+            motion = resolve_motion(source_clip, reference=reference, preset=preset, config=config.preprocess,
+                                    retarget=config.infer.retarget, callback=callback)
+
+        # 3. encode the three prompts once: P_c and P_s for tuning, P_s and P_t for the branches
+        embeds = encode_prompt_embeds(c.tokenizer, c.text_encoder, prompts)
+
+        # 4. tune or reuse
+        if tuned is None:
+            tuned = self.tune(source_clip, prompts, config.tune, callback=callback, embeds=embeds)
+        skeletons = self._check_infer_inputs(source_clip, motion, prompts, tuned, config.infer)
+        self.load_tuned(tuned)
+
+        with self._edit_processors(config.infer):
+            # 5. invert: z_T^s
+            z_T = self._invert(source_clip, prompts, embeds, tuned, config.infer, callback)
+            # 6. sample both branches from z_T^s
+            latents = self._sample(source_clip, skeletons, z_T, embeds, config.infer, callback)
+
+        # 7. decode the editing branch
+        frames = self._decode(latents, config.infer, callback)
+
+        # 8. write
+        return self._write(source, source_clip, motion, prompts, config, tuned, frames, Path(out_dir), name, started)
+
+    def load_source(self, source: Clip | str | Path, config: EditConfig, *, callback: ProgressCallback | None = None) -> Clip:
+        """A Clip as given, or a video file / frame folder preprocessed with person masks."""
+        if isinstance(source, (str, Path)):
+            from eym.preprocess import preprocess
+
+            return preprocess(Path(source), config.preprocess, with_masks=config.tune.mask_background, callback=callback)
+        return source
+
+    # -- tuning ------------------------------------------------------------------------------
+    def tuned_key(self, source: Clip, prompts: Prompts, config: TuneConfig) -> str:
+        """The cache key of tuning ``source`` (:func:`eym.tuned.tuning_key`): content hash, models, P_c, P_s, settings."""
+        c = self.components
+        return tuning_key(
+            source=source.content_hash, shape=np.asarray(source.frames).shape,
+            masked=config.mask_background and _masks(source) is not None, prompts=prompts, tune=config,
+            model=c.model_id, controlnet=c.controlnet_id, weights=self._model_fingerprint,
+        )
+
+    def find_tuned(self, source: Clip, prompts: Prompts, config: TuneConfig) -> TunedWeights | None:
         """The cached tuned weights of this source and settings, or ``None`` (damaged ones are removed)."""
-        entry = self.cache_dir / self.tuned_key(source, prompts, config)
-        cached = load_entry(entry)
-        if cached is None:
-            return None
-        try:
-            return self.open_tuned(entry, reused=True)
-        except EymError as err:
-            logger.warning("discarding tuned weights %s: %s", entry, err)
-            shutil.rmtree(entry, ignore_errors=True)
-            return None
+        c = self.components
+        return find_tuned(self.cache_dir / self.tuned_key(source, prompts, config), model=c.model_id,
+                          controlnet=c.controlnet_id, weights=self._model_fingerprint)
 
     def open_tuned(self, path: str | Path, *, reused: bool = True) -> TunedWeights:
         """Open a tuned-weights folder, checking that it belongs to this base model.
@@ -345,21 +277,18 @@ class Editor:
         Raises:
             EymError: not a tuned folder, damaged, or tuned from another base model/ControlNet.
         """
-        path = Path(path)
-        if load_entry(path) is None or not (path / TUNED_MANIFEST).is_file():
-            raise EymError(f"{path} is not an intact tuned-weights folder (missing or damaged files); tune again")
-        manifest = json.loads((path / TUNED_MANIFEST).read_text())
         c = self.components
-        if manifest.get("kind") != TUNED_KIND or manifest.get("version") != TUNING_VERSION:
-            raise EymError(f"{path} is not a tuned-weights folder of this eym version; tune again")
-        if manifest.get("weights") != self._model_fingerprint or manifest.get("controlnet") != c.controlnet_id:
-            raise EymError(
-                f"{path} was tuned from {manifest.get('model')!r} + {manifest.get('controlnet')!r}, not the loaded "
-                f"{c.model_id!r} + {c.controlnet_id!r}; load that model or tune again"
-            )
-        return TunedWeights(path=path, manifest=manifest, reused=reused)
+        return open_tuned(path, model=c.model_id, controlnet=c.controlnet_id, weights=self._model_fingerprint, reused=reused)
 
-    def tune(self, source, prompts: Prompts, config: TuneConfig = TuneConfig(), *, callback: ProgressCallback | None = None) -> TunedWeights:
+    def tune(
+        self,
+        source: Clip,
+        prompts: Prompts,
+        config: TuneConfig = TuneConfig(),
+        *,
+        callback: ProgressCallback | None = None,
+        embeds: PromptEmbeds | None = None,
+    ) -> TunedWeights:
         """Tune the model on ``source`` (DPL stage 1 + 2), or reuse the cached result.
 
         Args:
@@ -367,35 +296,35 @@ class Editor:
             prompts: P_c and P_s are used (P_t is not: one tuning serves every edit).
             config: :class:`TuneConfig`.
             callback: ``callback("stage1" | "stage2", step, total)``.
+            embeds: the prompts' embeddings when the caller has them (:meth:`edit`); else encoded here.
 
         Returns:
             :class:`TunedWeights`; ``reused`` says whether tuning ran. The UNet holds them afterwards.
         """
-        _check_source(source, self.components.vae_scale_factor)
-        _check_prompt(prompts.content, "content prompt (P_c)")
-        _check_prompt(prompts.source, "source prompt (P_s)")
-        check_prompt_lengths(self.components.tokenizer, Prompts(prompts.content, prompts.source, ""))
+        c = self.components
+        _check_source(source, c.vae_scale_factor)
+        check_prompt_filled(prompts.content, "content prompt (P_c)")
+        check_prompt_filled(prompts.source, "source prompt (P_s)")
+        check_prompt_lengths(c.tokenizer, Prompts(prompts.content, prompts.source, ""))
         key = self.tuned_key(source, prompts, config)
         found = self.find_tuned(source, prompts, config)
         if found is not None:
             logger.info("reusing tuned weights %s", found.path)
             return found
 
-        c = self.components
-        unet = c.unet
-        self._restore_base()
+        self.store.restore_base()
         started = time.perf_counter()
-        data = self._tuning_data(source, prompts, config)
+        data = self._tuning_data(source, prompts, config, embeds=embeds)
         partial = self.cache_dir / f".partial-{key}"
         partial.mkdir(parents=True, exist_ok=True)
         try:
             result = tune_dpl(
-                unet, c.controlnet, c.scheduler, data, config,
+                c.unet, c.controlnet, c.scheduler, data, config,
                 checkpoint_dir=partial if config.checkpoint_every else None, fingerprint=key,
                 callback=callback, disable=self.disable_progress,
             )
         finally:
-            _LOADED[unet] = None  # whatever happened, the UNet no longer holds the base weights
+            self.store.mark_modified()  # whatever happened, the UNet no longer holds the base weights
             del data
             _free_memory(c.device)
             if partial.is_dir() and not any(partial.iterdir()):
@@ -421,18 +350,14 @@ class Editor:
             "resumed_from": list(result.resumed_from) if result.resumed_from else None,
             "seconds": round(time.perf_counter() - started, 2),
         }
-        entry = self.cache_dir / key
-        from safetensors.torch import save_file
-
-        with building(entry, meta={"kind": TUNED_KIND, "key": key}) as tmp:
-            save_file(result.tensors, str(tmp / TUNED_FILE), metadata={"key": key, "model": c.model_id})
-            atomic_write_json(tmp / TUNED_MANIFEST, manifest)
+        tuned = save_tuned(self.cache_dir / key, result.tensors, manifest)
         shutil.rmtree(partial, ignore_errors=True)
-        _LOADED[unet] = key
-        logger.info("tuned %s in %.1f s -> %s", source.content_hash[:12], manifest["seconds"], entry)
-        return TunedWeights(path=entry, manifest=manifest, reused=False)
+        self.store.mark_tuned(key)
+        logger.info("tuned %s in %.1f s -> %s", source.content_hash[:12], manifest["seconds"], tuned.path)
+        return tuned
 
-    def _tuning_data(self, source, prompts: Prompts, config: TuneConfig) -> TuningData:
+    def _tuning_data(self, source: Clip, prompts: Prompts, config: TuneConfig, *,
+                     embeds: PromptEmbeds | None = None) -> TuningData:
         """Everything constant during tuning, computed once: latents, embeddings, control images."""
         from eym.sampling import encode_video
 
@@ -446,58 +371,33 @@ class Editor:
             masked_latents = encode_video(c.vae, masked.astype(np.uint8))  # Eq. 11: Z^M = E(U_M)
         else:
             masked_latents = latents
-        embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.content, prompts.source])  # (2, 77, D)
+        if embeds is None:
+            content_embeds, source_embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.content, prompts.source]).split(1)
+        else:
+            content_embeds, source_embeds = embeds.content, embeds.source
         return TuningData(
             latents=latents,
             masked_latents=masked_latents,
             control_images=control_tensor(source.skeletons, c.device, c.dtype),
-            content_embeds=embeds[:1],
-            source_embeds=embeds[1:],
+            content_embeds=content_embeds,  # (1, 77, D) P_c
+            source_embeds=source_embeds,  # (1, 77, D) P_s
         )
 
-    # -- tuned tensors in and out ------------------------------------------------------------
-    def _restore_base(self) -> None:
-        """Put the weights tuning starts from back (SD's RC-Attn, fresh temporal attention)."""
-        unet = self.components.unet
-        if _LOADED.get(unet) == "":
-            return
-        _assign_tensors(unet, _BASE_WEIGHTS[unet])
-        _LOADED[unet] = ""  # "" = base weights
-
     def load_tuned(self, tuned: TunedWeights) -> None:
-        """Make the UNet hold ``tuned``'s tensors (no-op if it already does).
-
-        Raises:
-            EymError: the file is damaged or does not fit this model (then tune again).
-        """
-        unet = self.components.unet
-        if _LOADED.get(unet) == tuned.key:
-            return
-        from safetensors.torch import load_file
-
-        from eym.jobs import pinned
-
-        try:
-            with pinned(tuned.path):  # another job's disk-cap eviction must not delete it mid-read
-                tensors = load_file(str(tuned.tensors_path))
-        except Exception as err:  # safetensors raises several types for a damaged file
-            raise EymError(f"tuned weights {tuned.tensors_path} cannot be read ({type(err).__name__}); delete the folder and tune again") from None
-        base = _BASE_WEIGHTS[unet]
-        if set(tensors) != set(base):
-            raise EymError(f"tuned weights {tuned.tensors_path} do not match this model's layers; tune again")
-        _assign_tensors(unet, tensors)
-        _LOADED[unet] = tuned.key
+        """Make the UNet hold ``tuned``'s tensors (no-op if it already does; :meth:`eym.tuned.TunedStore.load`)."""
+        self.store.load(tuned)
 
     # -- inference ---------------------------------------------------------------------------
     def infer(
         self,
-        source,
-        reference,
+        source: Clip,
+        reference: Motion | Clip,
         prompts: Prompts,
         tuned: TunedWeights,
         config: InferConfig = InferConfig(),
         *,
         callback: ProgressCallback | None = None,
+        embeds: PromptEmbeds | None = None,
     ) -> np.ndarray:
         """Edit ``source`` to move like ``reference``: inversion, two branches, decoding.
 
@@ -510,132 +410,118 @@ class Editor:
             tuned: from :meth:`tune` (or :meth:`open_tuned`) for this source.
             config: :class:`InferConfig`.
             callback: ``callback("inversion" | "sampling" | "decode", step, total)``.
+            embeds: the prompts' embeddings when the caller has them; else encoded here.
 
         Returns:
             (F, H, W, 3) uint8 edited frames.
         """
-        from eym.sampling import ddim_invert, ddim_timesteps, decode_video, encode_video, make_eps_fn, sample_two_branch
-        from eym.spacetime import attention_processors, injection_processors
+        c = self.components
+        skeletons = self._check_infer_inputs(source, reference, prompts, tuned, config)
+        if embeds is None:
+            embeds = encode_prompt_embeds(c.tokenizer, c.text_encoder, prompts)
+        self.load_tuned(tuned)
+        with self._edit_processors(config):
+            z_T = self._invert(source, prompts, embeds, tuned, config, callback)
+            latents = self._sample(source, skeletons, z_T, embeds, config, callback)
+        return self._decode(latents, config, callback)
 
+    def _check_infer_inputs(self, source: Clip, reference: Motion | Clip, prompts: Prompts, tuned: TunedWeights,
+                            config: InferConfig) -> np.ndarray:
+        """Check what inference takes; return the skeletons S_rf that drive the editing branch, (F, H, W, 3) uint8."""
         c = self.components
         _check_source(source, c.vae_scale_factor)
-        _check_prompt(prompts.source, "source prompt (P_s)")
-        _check_prompt(prompts.target, "target prompt (P_t)")
+        check_prompt_filled(prompts.source, "source prompt (P_s)")
+        check_prompt_filled(prompts.target, "target prompt (P_t)")
         check_prompt_lengths(c.tokenizer, prompts)
         if isinstance(reference, Motion):
-            reference_skeletons = reference.skeletons
+            skeletons = reference.skeletons
         else:
-            reference_skeletons = motion_skeletons(source, reference, retarget=config.retarget)
+            skeletons = motion_skeletons(source, reference, retarget=config.retarget)
         if tuned.manifest.get("source", {}).get("content_hash") != source.content_hash:
             raise EymError(f"tuned weights {tuned.path} were tuned on another source video; tune this one first")
-        self.load_tuned(tuned)
-        # this edit's injection layers and weighting, on the shared UNet for this call only
-        processors = injection_processors(c.unet, config.injection, config.injection_weighting)
+        return skeletons
 
-        F = len(source.frames)
+    def _edit_processors(self, config: InferConfig):
+        """This edit's injection layers and weighting on the shared UNet, for the ``with`` block only (restored in ``finally``)."""
+        from eym.spacetime import attention_processors, injection_processors
+
+        unet = self.components.unet
+        return attention_processors(unet, injection_processors(unet, config.injection, config.injection_weighting))
+
+    def _invert(self, source: Clip, prompts: Prompts, embeds: PromptEmbeds, tuned: TunedWeights, config: InferConfig,
+                callback: ProgressCallback | None) -> torch.Tensor:
+        """DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s, (1, 4, F, h, w) fp32.
+
+        Latents, z_T and the cached inversion stay fp32; only the model calls run in the model's
+        dtype (a bf16 latent state drifts, METHOD.md).
+        """
+        from eym.sampling import ddim_invert, ddim_timesteps, encode_video, make_eps_fn
+
+        c = self.components
+        key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
+        if key in self._inversions:
+            self._inversions.move_to_end(key)
+            logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
+            return self._inversions[key].to(c.device, torch.float32)
+        latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk).float()  # (1, 4, F, h, w)
+        invert_fn = make_eps_fn(
+            c.unet, c.controlnet, prompt_embeds=embeds.source, control_images=np.asarray(source.skeletons)[None],
+            num_frames=len(source.frames), controlnet_scale=config.controlnet_scale,
+        )
         timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
-        embeds = encode_prompts(c.tokenizer, c.text_encoder, [prompts.source, prompts.target, ""])  # (3, 77, D)
+        z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
+        self._inversions[key] = z_T.detach().to("cpu", torch.float32, copy=True)
+        while len(self._inversions) > INVERSION_CACHE_SIZE:
+            self._inversions.popitem(last=False)
+        return z_T
 
-        with attention_processors(c.unet, processors):
-            # 1. DDIM inversion with P_s and the source skeletons, no guidance (the paper): z_T^s.
-            #    Latents, z_T and the cached inversion stay fp32; only the model calls run in the
-            #    model's dtype (a bf16 latent state drifts, METHOD.md)
-            inversion_key = stable_hash([tuned.key, source.content_hash, prompts.source, config.ddim_steps, config.controlnet_scale])
-            if inversion_key in self._inversions:
-                self._inversions.move_to_end(inversion_key)
-                z_T = self._inversions[inversion_key].to(c.device, torch.float32)
-                logger.info("reusing the DDIM inversion of this source (same tuned weights, P_s and steps)")
-            else:
-                latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk).float()  # (1, 4, F, h, w)
-                invert_fn = make_eps_fn(
-                    c.unet, c.controlnet, prompt_embeds=embeds[:1], control_images=np.asarray(source.skeletons)[None],
-                    num_frames=F, controlnet_scale=config.controlnet_scale,
-                )
-                z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
-                self._inversions[inversion_key] = z_T.detach().to("cpu", torch.float32, copy=True)
-                while len(self._inversions) > INVERSION_CACHE_SIZE:
-                    self._inversions.popitem(last=False)
+    def _sample(self, source: Clip, skeletons: np.ndarray, z_T: torch.Tensor, embeds: PromptEmbeds, config: InferConfig,
+                callback: ProgressCallback | None) -> torch.Tensor:
+        """Both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)], (2, 4, F, h, w).
 
-            # 2. both branches from z_T^s: [reconstruction (P_s, S_sr), editing (P_t, S_rf)],
-            #    the editing branch attending to the reconstruction's keys/values (Eq. 17-18)
-            #    at the schedule's steps and layers
-            branch_fn = make_eps_fn(
-                c.unet, c.controlnet, prompt_embeds=embeds[:2],
-                control_images=np.stack([np.asarray(source.skeletons), reference_skeletons]),
-                num_frames=F, guidance_scale=config.guidance_scale, negative_embeds=embeds[2:],
-                controlnet_scale=config.controlnet_scale,
-            )
-            both = sample_two_branch(
-                branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=config.injection.steps(len(timesteps)),
-                callback=callback, disable=self.disable_progress,
-            )  # (2, 4, F, h, w)
+        The editing branch attends to the reconstruction's keys/values (Eq. 17-18) at the
+        schedule's steps and layers.
+        """
+        from eym.sampling import ddim_timesteps, make_eps_fn, sample_two_branch
 
-        # 3. decode the editing branch in chunks of frames
-        frames = decode_video(c.vae, both[1:2], chunk=config.decode_chunk, callback=callback)
+        c = self.components
+        timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
+        branch_fn = make_eps_fn(
+            c.unet, c.controlnet, prompt_embeds=torch.cat([embeds.source, embeds.target]),  # (2, 77, D)
+            control_images=np.stack([np.asarray(source.skeletons), skeletons]),
+            num_frames=len(source.frames), guidance_scale=config.guidance_scale, negative_embeds=embeds.negative,
+            controlnet_scale=config.controlnet_scale,
+        )
+        return sample_two_branch(
+            branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=config.injection.steps(len(timesteps)),
+            callback=callback, disable=self.disable_progress,
+        )  # (2, 4, F, h, w)
+
+    def _decode(self, latents: torch.Tensor, config: InferConfig, callback: ProgressCallback | None) -> np.ndarray:
+        """The editing branch (``latents[1]``) decoded in chunks of frames: (F, H, W, 3) uint8."""
+        from eym.sampling import decode_video
+
+        c = self.components
+        frames = decode_video(c.vae, latents[1:2], chunk=config.decode_chunk, callback=callback)
         _free_memory(c.device)
         return frames
 
-    # -- the whole edit ----------------------------------------------------------------------
-    def edit(
-        self,
-        source,
-        reference,
-        prompts: Prompts,
-        config: EditConfig | None = None,
-        *,
-        preset: str | None = None,
-        out_dir: str | Path,
-        name: str = "edited",
-        tuned: TunedWeights | None = None,
-        callback: ProgressCallback | None = None,
-    ) -> EditResult:
-        """Preprocess, tune (or reuse), infer, and write the results.
-
-        Args:
-            source: a Clip, or a video file / frame folder (preprocessed with masks).
-            reference: a :class:`~eym.motion.Motion` resolved for this source, a reference Clip,
-                or a video file / frame folder; None with ``preset``.
-            prompts: :class:`Prompts` (see :func:`derive_prompts`).
-            config: :class:`EditConfig`; the source's frame count and size come from ``config.preprocess``.
-            preset: a preset motion name (:data:`eym.presets.PRESETS`) instead of ``reference``.
-            out_dir: where ``<name>.mp4``, ``<name>.side_by_side.mp4`` and ``<name>.settings.json`` go.
-            name: file name stem of the outputs.
-            tuned: use these tuned weights instead of tuning (or looking up the cache).
-            callback: progress of every stage ("preprocess", "stage1", ..., "decode").
-
-        Returns:
-            :class:`EditResult`.
-        """
+    def _write(self, given: Clip | str | Path, source: Clip, motion: Motion, prompts: Prompts, config: EditConfig,
+               tuned: TunedWeights, frames: np.ndarray, out_dir: Path, name: str, started: float) -> EditResult:
+        """The edited video (with the source's soundtrack), the side-by-side and the settings record."""
         from eym.video import labelled_side_by_side, mux_audio, sampled_span, write_mp4
 
-        config = config or EditConfig()
-        _check_prompt(prompts.target, "target prompt (P_t)")
-        check_ddim_steps(config.infer.ddim_steps, self.components.scheduler)  # before tuning, not after it
-        check_prompt_lengths(self.components.tokenizer, prompts)  # before tuning, not after it
-        started = time.perf_counter()
-        source_clip = self.load_source(source, config, callback=callback)
-        if isinstance(reference, Motion):
-            motion = reference
-        else:
-            motion = resolve_motion(source_clip, reference=reference, preset=preset, config=config.preprocess,
-                                    retarget=config.infer.retarget, callback=callback)
-        if tuned is None:
-            tuned = self.tune(source_clip, prompts, config.tune, callback=callback)
-        frames = self.infer(source_clip, motion, prompts, tuned, config.infer, callback=callback)
-        ref_skeletons = motion.skeletons
-
-        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        fps = float(source_clip.fps)
+        fps = float(source.fps)
         video = write_mp4(frames, out_dir / f"{name}.mp4", fps)
         # The source's soundtrack over the span the sampled frames cover (presets and frame folders have none).
-        source_video, indices = getattr(source_clip, "source", ""), getattr(source_clip, "indices", [])
+        source_video, indices = getattr(source, "source", ""), getattr(source, "indices", [])
         soundtrack = bool(source_video and indices) and mux_audio(video, source_video, *sampled_span(indices, fps))
-        panels = {"source": np.asarray(source_clip.frames), "motion": ref_skeletons, "edit": frames}
+        panels = {"source": np.asarray(source.frames), "motion": motion.skeletons, "edit": frames}
         panel = write_mp4(labelled_side_by_side(panels, fps), out_dir / f"{name}.side_by_side.mp4", fps)
         settings = {
             "prompts": {"content": prompts.content, "source": prompts.source, "target": prompts.target},
-            "source": {"input": _describe_input(source), "content_hash": source_clip.content_hash},
+            "source": {"input": _describe_input(given), "content_hash": source.content_hash},
             "reference": {"input": motion.label, "content_hash": motion.reference.content_hash},
             "model": self.components.model_id,
             "controlnet": self.components.controlnet_id,
@@ -650,14 +536,6 @@ class Editor:
         return EditResult(video=video, side_by_side=panel, settings=settings_path, reused_tuning=tuned.reused, frames=frames,
                           motion=motion)
 
-    def load_source(self, source, config: EditConfig, *, callback: ProgressCallback | None = None):
-        """A Clip as given, or a video file / frame folder preprocessed with person masks."""
-        if isinstance(source, (str, Path)):
-            from eym.preprocess import preprocess
-
-            return preprocess(Path(source), config.preprocess, with_masks=config.tune.mask_background, callback=callback)
-        return source
-
 
 def _describe_input(value) -> str:
     if isinstance(value, (str, Path)):
@@ -668,52 +546,6 @@ def _describe_input(value) -> str:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def prompt_tokens(tokenizer, text: str) -> int:
-    """Tokens of ``text`` as the text encoder sees them, start and end tokens included."""
-    return len(tokenizer(text, truncation=False).input_ids)
-
-
-def check_prompt_lengths(tokenizer, prompts: Prompts) -> None:
-    """Refuse prompts longer than the text encoder reads (77 tokens for CLIP, start and end included).
-
-    The encoder would cut such a prompt silently, and the cut is the end: the motion phrase of
-    P_s and P_t. Empty prompts are not checked here.
-
-    Raises:
-        EymError: naming the prompt, its length and the limit.
-    """
-    limit = tokenizer.model_max_length
-    for what, text in (("subject prompt P_c", prompts.content), ("source prompt P_s", prompts.source),
-                       ("target prompt P_t", prompts.target)):
-        if text and (length := prompt_tokens(tokenizer, text)) > limit:
-            raise EymError(
-                f"the {what} is {length} tokens long and the text encoder reads at most {limit}, "
-                f"so its end (the motion) would be cut off; shorten it by about {length - limit} words"
-            )
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings of prompts within the tokenizer's limit (:func:`check_prompt_lengths`).
-
-    Args:
-        prompts: N strings.
-
-    Returns:
-        (N, 77, D) embeddings on the text encoder's device and dtype.
-
-    Raises:
-        EymError: a prompt over the limit.
-    """
-    limit = tokenizer.model_max_length
-    for prompt in prompts:
-        if (length := prompt_tokens(tokenizer, prompt)) > limit:
-            raise EymError(f"a prompt is {length} tokens long, more than the text encoder's {limit}; shorten it: {prompt!r}")
-    ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
-    device = next(text_encoder.parameters()).device
-    with torch.no_grad():
-        return text_encoder(ids.to(device))[0]  # (N, 77, D) last hidden state, as SD 1.5 uses
-
-
 def control_tensor(skeletons: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Skeleton images (F, H, W, 3) uint8 -> ControlNet input (F, 3, H, W) in [0, 1]."""
     images = torch.from_numpy(np.ascontiguousarray(skeletons)).to(device)
@@ -729,12 +561,7 @@ def _masks(clip) -> np.ndarray | None:
     return masks.astype(bool) if masks.ndim == 3 and masks.shape[1] > 0 else None
 
 
-def _check_prompt(text: str, what: str) -> None:
-    if not (text and text.strip()):
-        raise EymError(f"the {what} is empty; describe the video in words, e.g. 'A girl in a white dress is dancing.'")
-
-
-def _check_source(clip, scale: int, what: str = "source") -> None:
+def _check_source(clip: Clip, scale: int, what: str = "source") -> None:
     """Frames, skeletons and masks must agree in shape; sides must be multiples of the VAE scale."""
     frames = np.asarray(clip.frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
@@ -754,15 +581,6 @@ def _model_fingerprint(components) -> str:
     probes = [components.unet.conv_in.weight, components.unet.conv_out.weight, components.controlnet.conv_in.weight]
     digest = b"".join(sha256_bytes(p.detach().float().cpu().numpy().tobytes()).encode() for p in probes)
     return sha256_bytes(digest)[:16]
-
-
-def _assign_tensors(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    own = dict(unet.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name not in own or own[name].shape != value.shape:
-                raise EymError(f"tuned tensor {name} does not fit the loaded UNet; tune again with this model")
-            own[name].copy_(value.to(own[name].device, own[name].dtype))
 
 
 def _free_memory(device: torch.device) -> None:

@@ -160,7 +160,7 @@ class SuiteResult:
 
 def entry_prompts(entry: Any) -> Any:
     """The entry's P_c/P_s/P_t: explicit prompts win over ones composed from subject + motions."""
-    from eym.editor import derive_prompts
+    from eym.prompts import derive_prompts
 
     return derive_prompts(entry.subject, entry.source_motion, entry.target_motion, content=entry.content_prompt,
                           source=entry.source_prompt, target=entry.target_prompt)
@@ -236,7 +236,7 @@ def run_suite(
     manifest: str | Path,
     out_dir: str | Path,
     *,
-    model: str = "tiny",
+    model: str | None = None,
     controlnet: str | None = None,
     edit_config: Any = None,
     eval_config: EvalConfig = EvalConfig(),
@@ -253,7 +253,7 @@ def run_suite(
         manifest: gallery folder or manifest file (:func:`eym.gallery.load_gallery`).
         out_dir: the suite's output folder (created; see the module docstring for its layout).
         model, controlnet: the base model and ControlNet (:func:`eym.models.load_components`);
-            ``"tiny"`` is the random-weight test bundle.
+            default :data:`eym.models.DEFAULT_MODEL`, as everywhere (``"tiny"``: the random-weight bundle).
         edit_config: :class:`eym.editor.EditConfig` for every pair (entry sampling hints win);
             default ``EditConfig()``, the paper's settings.
         eval_config: metric settings.
@@ -272,7 +272,9 @@ def run_suite(
     """
     from eym.editor import EditConfig
     from eym.gallery import load_gallery
+    from eym.models import DEFAULT_MODEL
 
+    model = model or DEFAULT_MODEL  # named in the pairs' keys and suite.json
     gallery = load_gallery(manifest)
     entries = [gallery.get(n) for n in names] if names else list(gallery.entries)
     if not entries:

@@ -14,7 +14,8 @@ from conftest import motioneditor_clip as case_clip
 import torch
 
 from eym.config import from_dict, to_dict
-from eym.editor import EditConfig, Editor, InferConfig, Prompts, derive_content_prompt, derive_prompts
+from eym.editor import EditConfig, Editor, InferConfig
+from eym.prompts import Prompts, derive_content_prompt, derive_prompts
 from eym.injection import INJECTION_PRESETS, InjectionSchedule
 from eym.errors import EymError
 from eym.tuning import TuneConfig
@@ -86,7 +87,7 @@ def test_content_prompt_and_tuning_key_never_depend_on_the_target(editor, target
 
 
 def test_prompts_over_the_text_encoder_limit_are_refused(editor, tmp_path):
-    from eym.editor import check_prompt_lengths
+    from eym.prompts import check_prompt_lengths
 
     tokenizer = editor.components.tokenizer
     check_prompt_lengths(tokenizer, PROMPTS)  # within the limit: nothing happens
@@ -106,6 +107,29 @@ def test_derive_prompts_from_subject_and_motions():
     assert derive_prompts("a cat", "jumping", None).target == ""
     with pytest.raises(EymError, match="no source prompt"):
         derive_prompts(source="  ", target="x")
+
+
+def test_compose_prompts_cleans_and_is_the_apps_rule():
+    """eym.prompts.compose_prompts, the one cleaning path of the CLI and the app."""
+    from eym.prompts import compose_prompts
+
+    p = compose_prompts("a girl\x1b[31m in red\u202e", "dancing\x07", "waving", target="")
+    assert p == Prompts("A girl in red.", "A girl in red is dancing.", "A girl in red is waving.")
+    assert compose_prompts(source=" A man is\tjumping. ", require_target=False) == Prompts("A man.", "A man is jumping.", "")
+    with pytest.raises(EymError, match="target motion is empty"):
+        compose_prompts(source="A man is jumping.")
+    with pytest.raises(EymError, match="subject description is empty"):
+        compose_prompts("  ", "dancing", "jumping")
+    with pytest.raises(EymError, match="source prompt P_s must be text"):
+        compose_prompts(source=3)
+
+    # the app's rule (app.compose_prompts gave exactly these when this test was written)
+    red = "A man in a red suit"
+    assert compose_prompts(red, "practicing tai chi", "raising both arms") == \
+        Prompts(f"{red}.", f"{red} is practicing tai chi.", f"{red} is raising both arms.")
+    assert compose_prompts(red, "practicing tai chi", "raising both arms", target="A man is bowing.").target == "A man is bowing."
+    assert compose_prompts(content="A man.", source="A man is walking.", target="A man is\x1b[0m running.") == \
+        Prompts("A man.", "A man is walking.", "A man is running.")
 
 
 def test_edit_config_round_trips_and_rejects_typos():
@@ -159,6 +183,42 @@ def test_cli_injection_flags(tmp_path):
         infer("--inject-start", "soon")
     with pytest.raises(EymError, match="unknown"):
         infer("--injection", "sometimes")
+
+
+def test_cli_commands_share_one_edit_settings_builder():
+    """edit, suite and batch take the same edit flags with the same defaults, and build equal configs."""
+    import argparse
+
+    from eym.cli import _add_edit_settings, _edit_config, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    settings = argparse.ArgumentParser()
+    _add_edit_settings(settings, "settings", inference=True)
+    flags = {o for a in settings._actions for o in a.option_strings} - {"-h", "--help"}
+    assert {"--seed", "--lr", "--guidance", "--ddim-steps", "--settings"} <= flags
+    for name in ("edit", "infer", "suite", "batch"):
+        own = {o for a in commands[name]._actions for o in a.option_strings}
+        assert flags | {"--model", "--controlnet"} <= own, (name, flags - own)
+
+    def parse(*extra):
+        return [parser.parse_args(args + list(extra)) for args in (
+            ["edit", "src", "--preset", "wave", "--source-prompt", SOURCE_PROMPT, "--target-prompt", TARGET_PROMPT, "--out", "o.mp4"],
+            ["suite", "gallery.yaml", "--out", "o"],
+            ["batch", "gallery.yaml", "--out", "o"])]
+
+    given = parse("--seed", "7", "--lr", "1e-4", "--guidance", "2.5", "--frames", "4", "--size", "64", "--steps1", "3",
+                  "--steps2", "4", "--ddim-steps", "5", "--mixed-precision", "no", "--inject-layers", "up",
+                  "--injection-weighting", "balanced", "--no-retarget", "--model", "tiny")
+    configs = [_edit_config(a) for a in given]
+    assert configs[0] == configs[1] == configs[2]
+    c = configs[0]
+    assert (c.tune.seed, c.tune.lr, c.infer.guidance_scale, c.infer.ddim_steps, c.preprocess.size) == (7, 1e-4, 2.5, 5, 64)
+    assert c.infer.injection.layers == "up" and not c.infer.retarget
+    assert {a.model for a in given} == {"tiny"}
+    # no flags: the library's defaults, and no model named (DEFAULT_MODEL, through Editor.from_pretrained)
+    defaults = parse()
+    assert all(_edit_config(a) == EditConfig() for a in defaults) and {a.model for a in defaults} == {None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +281,7 @@ def test_tuning_a_second_source_starts_from_the_base_weights(components, media, 
     editor.tune(source_a, PROMPTS, FAST)
     after_a = load_file(editor.tune(source_b, PROMPTS, FAST).tensors_path)
     alone = Editor(components, cache_dir=tmp_path / "two", disable_progress=True)
-    alone._restore_base()
+    alone.store.restore_base()
     b_alone = load_file(alone.tune(source_b, PROMPTS, FAST).tensors_path)
     assert set(after_a) == set(b_alone)
     for name in b_alone:

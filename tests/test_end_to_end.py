@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from synthetic import dominant_frequency, synthetic_clip, write_video
 
-from eym.editor import EditConfig, Editor, InferConfig, derive_prompts
+from eym.editor import EditConfig, Editor, InferConfig
+from eym.prompts import derive_prompts
 from eym.preprocess import PreprocessConfig
 from eym.tuning import TuneConfig
 from eym.video import has_audio, read_video

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from eym.editor import Editor, InferConfig, Prompts, encode_prompts
+from eym.editor import Editor, InferConfig
+from eym.prompts import Prompts, encode_prompts
 from eym.motion import motion_skeletons
 from eym.errors import EymError
 from eym.injection import InjectionSchedule
@@ -388,8 +389,8 @@ def test_preview_shows_the_skeletons_that_drive_the_edit(tuned_editor, preset):
 
 
 def test_injection_settings_live_for_one_call_only(tuned_editor):
-    """An edit's injection layers and weighting are on the shared UNet during its call only,
-    also when the call fails half-way."""
+    """An edit's injection layers and weighting are on the shared UNet during its call only: after
+    it returns, and also when it fails half-way, the UNet has the processors it had before."""
     from eym.spacetime import RCAttnProcessor
 
     editor, source, tuned = tuned_editor
@@ -405,6 +406,10 @@ def test_injection_settings_live_for_one_call_only(tuned_editor):
             raise KeyboardInterrupt  # a cancel or a crash mid-job
 
     config = InferConfig(ddim_steps=2, retarget=False, injection=InjectionSchedule(layers="up"), injection_weighting="balanced")
+    editor.infer(source, reference, PROMPTS, tuned, config)  # returns: the processors before are back
+    returned = dict(unet.attn_processors)
+    assert returned.keys() == before.keys() and all(returned[n] is before[n] for n in before)
+    editor._inversions.clear()  # the failing call below inverts again, so the callback sees inversion too
     with pytest.raises(KeyboardInterrupt):
         editor.infer(source, reference, PROMPTS, tuned, config, callback=callback)
     up = sum(n.startswith("up_blocks") for n in before if n.endswith("attn1.processor"))
