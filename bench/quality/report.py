@@ -138,24 +138,40 @@ def evaluate(edits: Path, data_dir: Path, *, sharpen: bool = False) -> dict:
     return results
 
 
+# Metrics that are missing where the detectors find nobody in an edit (Det 0): their row means are
+# taken over the pairs where every row has them, so that rows are compared on the same pairs.
+PAIRED = ("PCK", "MKD", "APP")
+
+
+def common_pairs(pairs: list[dict], metric: str) -> list[int]:
+    """Indices of the pairs where every row has a finite ``metric``."""
+    ok = lambda v: v is not None and math.isfinite(v)  # noqa: E731
+    return [i for i, pair in enumerate(pairs) if all(ok(row.get(metric)) for row in pair["rows"].values())]
+
+
 def mean_rows(pairs: list[dict]) -> dict[str, dict]:
-    """Per row, the mean of each metric over the pairs that have it (inf and None left out, counted)."""
+    """Per row, the mean of each metric: over the common pairs for :data:`PAIRED`, else over the pairs that have it.
+
+    inf and None are left out (identical backgrounds give BG-PSNR = inf: the source's mean is inf).
+    """
     order = list(dict.fromkeys(name for pair in pairs for name in pair["rows"]))
+    common = {m: set(common_pairs(pairs, m)) for m in PAIRED}
     out = {}
     for name in order:
         values: dict[str, list[float]] = {}
-        for pair in pairs:
+        for i, pair in enumerate(pairs):
             for metric, v in pair["rows"].get(name, {}).items():
+                if metric in common and i not in common[metric]:
+                    continue
                 if v is not None and not math.isnan(v):
                     values.setdefault(metric, []).append(v)
-        # identical backgrounds give BG-PSNR = inf: the mean is inf only when every pair's is
         means = {m: float(np.mean([x for x in v if math.isfinite(x)] or [math.inf])) for m, v in values.items()}
         out[name] = means | {"pairs": sum(name in pair["rows"] for pair in pairs)}
     return out
 
 
 def table(results: dict, what: dict[str, str]) -> str:
-    """Markdown table of the means over pairs."""
+    """Markdown table of the means over pairs, with the pairs the paired metrics are averaged over."""
     metrics = (("PCK", "PCK@0.1 ↑", 3), ("MKD", "MKD ↓", 3), ("DET", "Det ↑", 2), ("BG-PSNR", "BG-PSNR ↑", 2),
                ("BG-SSIM", "BG-SSIM ↑", 3), ("APP", "Appearance ↑", 3), ("MAFD-ratio", "MAFD ratio (≈1)", 2))
     lines = ["| row | " + " | ".join(m[1] for m in metrics) + " | pairs |", "|---|" + "---:|" * (len(metrics) + 1)]
@@ -163,6 +179,11 @@ def table(results: dict, what: dict[str, str]) -> str:
         cells = [("inf" if math.isinf(row[m]) else f"{row[m]:.{d}f}") if m in row else "n/a" for m, _, d in metrics]
         label = f"`{name}`" + (f": {what[name]}" if name in what else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['pairs']} |")
+    pairs = results["pairs"]
+    support = ", ".join(f"{m}: pairs {[pairs[i]['pair'] for i in common_pairs(pairs, m)]}" for m in PAIRED)
+    lines.append("")
+    lines.append(f"PCK, MKD and Appearance are averaged over the pairs where every row has a value ({support}); "
+                 "the other columns over all pairs.")
     return "\n".join(lines) + "\n"
 
 
