@@ -399,3 +399,33 @@ def check_copies_fit(components: Any, copies: int) -> str:
             )
         line += f"; {free / 2**30:.1f} GB of GPU memory left"
     return line
+
+
+def load_editors(model: str | None, controlnet: str | None, *, device: str | None, dtype: str, copies: int) -> list:
+    """One :class:`~eym.editor.Editor` per worker, each over its own model copy (refused if they do not fit).
+
+    SD 1.5 from the local cache, else (with no ``model``) the tiny random-weight model
+    (:meth:`Editor.from_pretrained` with ``tiny_fallback``).
+    """
+    from eym.editor import Editor
+
+    def load():
+        return Editor.from_pretrained(model, controlnet, device=device, dtype=dtype, tiny_fallback=True)
+
+    first = load()
+    logger.info("job runner: %s", check_copies_fit(first.components, copies))
+    return [first] + [load() for _ in range(copies - 1)]
+
+
+def describe_editor(editor: Any) -> tuple[str, bool]:
+    """(one line naming an editor's models, whether they are the tiny random-weight bundle)."""
+    components = getattr(editor, "components", None)
+    if components is None:
+        return "unknown model", False
+    try:
+        from eym.models import describe
+
+        line = describe(components)
+    except (ImportError, AttributeError):  # a stand-in editor with a partial components object
+        line = f"{components.model_id} + ControlNet {components.controlnet_id}"
+    return line, bool(getattr(components, "is_tiny", False))
