@@ -38,12 +38,13 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from eym import request as rq  # noqa: E402
-from eym.env import allow_cpu_from_env, detect_device  # noqa: E402
+from eym import server  # noqa: E402
+from eym.env import detect_device  # noqa: E402
 from eym.errors import EymError, without_paths  # noqa: E402
-from eym.gallery import PageGallery, fetch_clips, stage_gallery  # noqa: E402
-from eym.jobs import TUNED_ZIP, EditJob, parse_duration, recover  # noqa: E402
+from eym.gallery import PageGallery, stage_gallery  # noqa: E402
+from eym.hub import TUNED_ZIP, push_tuned_zip  # noqa: E402
 from eym.request import MOTION_PRESET, MOTION_REFERENCE, EditRequest, PreviewRequest  # noqa: E402
-from eym.runner import JobCancelled, JobRunner, RunnerLimits, client_key, describe_editor, load_editors  # noqa: E402
+from eym.runner import JobCancelled, JobRunner, RunnerLimits, client_key, describe_editor  # noqa: E402
 
 logger = logging.getLogger("eym.app")
 
@@ -149,8 +150,8 @@ def cancel_message(reason: str) -> str:
             "tuning had reached one (the next edit of this source resumes from it).")
 
 
-def done_message(job: EditJob) -> str:
-    """The status line of a finished edit."""
+def done_message(job) -> str:
+    """The status line of a finished edit (an ``eym.jobs.EditJob``)."""
     reused = ("Reused the tuned weights for this source (no tuning this time)." if job.reused_tuning else
               "Tuned on this source; the next edit of it (another reference or target prompt) reuses these weights.")
     return f"Done in {job.seconds:.1f} s. {reused} Saved to `{job.id}`."
@@ -208,31 +209,22 @@ def on_prompts(subject: str, source_motion: str, target_motion: str, p_c: str, p
         return f"<i>{_escape(str(err))}</i>"
 
 
+GALLERY_FIELDS = ("source", "mode", "reference", "preset", "subject", "source_motion", "target_motion", "num_frames",
+                  "start", "stride")  # the controls a gallery pair fills, then the edited video, side by side, status
+
+
 def on_gallery(page: Page, name: str | None) -> tuple:
     """Load a gallery entry by name: clips, motion, prompts, sampling hints, and its finished example if any."""
-    keep = [gr.update()] * 13
     if not name or name not in page.gallery.staged:
         if name:
             raise gr.Error(f"this page has no gallery entry called {name!r}", print_exception=False)
-        return tuple(keep)
-    entry, files = page.gallery.gallery.get(name), page.gallery.staged[name]
+        return (gr.update(),) * (len(GALLERY_FIELDS) + 3)
+    values = rq.from_gallery(page.gallery.gallery.get(name), page.gallery.staged[name])
     example = page.gallery.examples.get(name)
     shown = (str(example.video), str(example.side_by_side) if example.side_by_side else None,
              f"Finished example of this pair, made earlier with {_escape(example.model)}. Press "
              "**Edit motion** to run it yourself.") if example else (gr.update(), gr.update(), gr.update())
-    return (
-        str(files.source),
-        MOTION_PRESET if entry.preset else MOTION_REFERENCE,
-        str(files.reference) if files.reference else None,
-        entry.preset or gr.update(),
-        entry.subject or entry.content_prompt or "",
-        entry.source_motion or "",
-        entry.target_motion or "",
-        entry.num_frames or gr.update(),
-        entry.start if entry.start is not None else gr.update(),
-        entry.stride if entry.stride is not None else gr.update(),
-        *shown,
-    )
+    return (*(values[k] if k in values else gr.update() for k in GALLERY_FIELDS), *shown)
 
 
 def on_gallery_select(page: Page, evt: gr.SelectData) -> tuple:
@@ -241,8 +233,6 @@ def on_gallery_select(page: Page, evt: gr.SelectData) -> tuple:
 
 
 def on_push(files, repo: str, token: str) -> str:
-    from eym.hub import push_tuned_zip
-
     archive = next((f for f in (files or []) if str(f).endswith(TUNED_ZIP)), None)
     if archive is None:
         raise gr.Error("run an edit first: the tuned weights of its source are pushed", print_exception=False)
@@ -302,11 +292,6 @@ def on_edit(page: Page, req: EditRequest, request: gr.Request | None = None, pro
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
-def _is_factory(obj: Any) -> bool:
-    """A zero-argument factory, as opposed to an editor (editors have ``edit`` and are not callable)."""
-    return callable(obj) and not hasattr(obj, "edit")
-
-
 def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAULT_GALLERY,
                outputs_dir: str | Path = "outputs", max_upload_mb: int = 200,
                model_line: str | None = None, is_tiny: bool | None = None, concurrency: int = 1,
@@ -314,42 +299,32 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
     """Build the page (no launch, no model loading).
 
     Args:
-        editor_or_factory: an ``eym.editor.Editor`` (or any object with its ``edit`` method and a
-            ``components`` attribute), a list of them (one per worker, each over its own model
-            copy), or a zero-argument factory returning one; a factory is called once, on the
-            first request that needs it. Every edit runs through one ``eym.runner.JobRunner``
-            that owns them.
+        editor_or_factory: an ``eym.editor.Editor`` (anything with its ``edit`` and ``components``),
+            a list of them (one per worker, each over its own model copy), or a zero-argument
+            factory called on the first edit; one ``eym.runner.JobRunner`` owns them.
         gallery_dir: gallery folder or manifest (see ``eym.gallery``); ``None`` hides the gallery.
         outputs_dir: folder for job outputs; the only folder the server lets users download from.
         max_upload_mb: upload limit, shown next to the upload boxes.
         model_line: the loaded model, shown at the top (default: from the editor's components).
         is_tiny: show the tiny-model banner (default: from the editor's components).
         concurrency: edits that may run at once; needs that many editors (model copies).
-        limits: the runner's operator limits (time per job, share per client, work per job);
-            default ``RunnerLimits.from_env()``.
-        device: ``eym.env.DeviceReport`` of this machine (default: detected); with a real model
-            and no usable GPU the page says so, and edits are refused unless ``allow_cpu``.
+        limits: the runner's operator limits (default ``RunnerLimits.from_env()``).
+        device: ``eym.env.DeviceReport`` (default: detected); with a real model and no usable
+            GPU the page says so, and edits are refused unless ``allow_cpu``.
         allow_cpu: the operator chose to run a real model on the CPU (``--allow-cpu``).
     Returns:
         The ``gr.Blocks``; call ``.queue(...)`` and ``.launch(...)`` on it (``main`` does).
     Raises:
         EymError: the gallery manifest is invalid.
     """
-    lazy = _is_factory(editor_or_factory)
-    editors = editor_or_factory if isinstance(editor_or_factory, (list, tuple)) else [editor_or_factory]
-    if len(editors) != concurrency and not lazy:
-        raise EymError(f"--concurrency {concurrency} needs {concurrency} model copies, got {len(editors)}; "
-                       "each job that runs at once needs its own")
-    if lazy and concurrency != 1:
-        raise EymError("a lazily loaded model serves one job at a time; use --concurrency 1")
-    runner = JobRunner(editor_or_factory if lazy else list(editors),
-                       limits if limits is not None else RunnerLimits.from_env())
+    runner = JobRunner(editor_or_factory, limits if limits is not None else RunnerLimits.from_env(),
+                       concurrency=concurrency)
+    editors = runner.editors()  # none yet with a factory: it is not called just to label the page
     outputs_dir = Path(outputs_dir).resolve()
-    # Only describe an editor that exists; a factory is not called just to label the page.
-    components = None if lazy else getattr(editors[0], "components", None)
+    components = getattr(editors[0], "components", None) if editors else None
     gallery = stage_gallery(gallery_dir, outputs_dir, getattr(components, "model_id", None))
     if model_line is None or is_tiny is None:
-        line, tiny = ("loading on first use", False) if lazy else describe_editor(editors[0])
+        line, tiny = describe_editor(editors[0]) if editors else ("loading on first use", False)
         model_line = model_line if model_line is not None else line
         is_tiny = is_tiny if is_tiny is not None else tiny
     is_tiny = bool(is_tiny)
@@ -398,14 +373,13 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 size = gr.Dropdown(list(rq.SIZES), value=defaults["size"], label="Resolution (px)", elem_id="size")
         gr.Markdown("### What the method will use", elem_classes=["eym-section"])
         preview_info = gr.Markdown(page.start_hint, elem_id="preview-info")
+        shown = partial(gr.Image, interactive=False, height=140)
         with gr.Row():
-            src_frames = gr.Image(label="Source frames", interactive=False, elem_id="src-frames", height=140)
-            src_skeletons = gr.Image(label="Source skeletons", interactive=False, elem_id="src-skeletons", height=140)
+            src_frames = shown(label="Source frames", elem_id="src-frames")
+            src_skeletons = shown(label="Source skeletons", elem_id="src-skeletons")
         with gr.Row():
-            src_masks = gr.Image(label="Person masks (stage 1 trains on the person only)", interactive=False,
-                                 elem_id="src-masks", height=140)
-            ref_skeletons = gr.Image(label="Target skeletons (drive the edit)", interactive=False,
-                                     elem_id="ref-skeletons", height=140)
+            src_masks = shown(label="Person masks (stage 1 trains on the person only)", elem_id="src-masks")
+            ref_skeletons = shown(label="Target skeletons (drive the edit)", elem_id="ref-skeletons")
 
         gr.Markdown("### 3. Prompts", elem_classes=["eym-section"])
         with gr.Row():
@@ -420,23 +394,19 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                 p_c = gr.Textbox(label="P_c override", elem_id="p-c")
                 p_s = gr.Textbox(label="P_s override", elem_id="p-s")
                 p_t = gr.Textbox(label="P_t override", elem_id="p-t")
+            whole = partial(gr.Number, precision=0, minimum=0)
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Tuning seed", elem_id="seed")
-                stage1_steps = gr.Number(value=defaults["stage1_steps"], precision=0, minimum=0,
-                                         label="Stage 1 steps", elem_id="stage1-steps")
-                stage2_steps = gr.Number(value=defaults["stage2_steps"], precision=0, minimum=0,
-                                         label="Stage 2 steps", elem_id="stage2-steps")
-                ddim_steps = gr.Number(value=defaults["ddim_steps"], precision=0, minimum=1,
-                                       label="DDIM steps", elem_id="ddim-steps")
+                stage1_steps = whole(value=defaults["stage1_steps"], label="Stage 1 steps", elem_id="stage1-steps")
+                stage2_steps = whole(value=defaults["stage2_steps"], label="Stage 2 steps", elem_id="stage2-steps")
+                ddim_steps = whole(value=defaults["ddim_steps"], minimum=1, label="DDIM steps", elem_id="ddim-steps")
             with gr.Row():
                 injection = gr.Dropdown(injection_names, value=default_injection, elem_id="injection",
                                         label="Key/value injection (where the edit copies the source's appearance)")
                 inject_layers = gr.Textbox(value="all", label="Injection layers: all, none, down, mid, up, 7-15, up_blocks.3.*",
                                            elem_id="inject-layers")
-                inject_start = gr.Number(value=0, precision=0, minimum=0, label="Injection from step (0 = the noisiest)",
-                                         elem_id="inject-start")
-                inject_end = gr.Number(value=None, precision=0, minimum=0, label="Injection until step (empty: the last)",
-                                       elem_id="inject-end")
+                inject_start = whole(value=0, label="Injection from step (0 = the noisiest)", elem_id="inject-start")
+                inject_end = whole(value=None, label="Injection until step (empty: the last)", elem_id="inject-end")
 
         with gr.Row():
             run = gr.Button("Edit motion", variant="primary", elem_id="run", scale=3)
@@ -445,14 +415,13 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                                                 defaults["stage2_steps"], defaults["ddim_steps"]), elem_id="estimate")
         status = gr.Markdown(elem_id="status")
         gr.Markdown("### 4. Result", elem_classes=["eym-section"])
+        result = partial(gr.Video, interactive=False, height=300)
         with gr.Row():
-            out_source = gr.Video(label="Source (as processed)", interactive=False, elem_id="out-source", height=300)
-            out_edited = gr.Video(label="Edited", interactive=False, elem_id="out-edited", autoplay=True,
-                                  loop=True, height=300)
-            out_skeleton = gr.Video(label="Target skeletons", interactive=False, elem_id="out-skeleton", height=300)
+            out_source = result(label="Source (as processed)", elem_id="out-source")
+            out_edited = result(label="Edited", elem_id="out-edited", autoplay=True, loop=True)
+            out_skeleton = result(label="Target skeletons", elem_id="out-skeleton")
         with gr.Row():
-            out_side = gr.Video(label="Side by side: source | target skeletons | edited", interactive=False,
-                                elem_id="out-side", height=240)
+            out_side = result(label="Side by side: source | target skeletons | edited", elem_id="out-side", height=240)
             downloads = gr.File(label="Downloads (the tuned weights too: tuned_weights.zip)", interactive=False,
                                 file_count="multiple", elem_id="downloads")
         with gr.Accordion("Keep the tuned weights on the Hugging Face Hub", open=False):
@@ -475,11 +444,8 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         def unload_event(request: gr.Request) -> None:
             on_unload(page, request)
 
-        controls = dict(source=source, mode=mode, reference=reference, preset=preset, num_frames=num_frames,
-                        start=start, stride=stride, size=size, retarget=retarget, subject=subject,
-                        source_motion=source_motion, target_motion=target_motion, p_c=p_c, p_s=p_s, p_t=p_t, seed=seed,
-                        stage1_steps=stage1_steps, stage2_steps=stage2_steps, ddim_steps=ddim_steps,
-                        inject_layers=inject_layers, inject_start=inject_start, inject_end=inject_end)
+        scope = locals()  # the components are named as the request's fields
+        controls = {f.name: scope[f.name] for f in fields(EditRequest)}
         mode.change(lambda m: (gr.update(visible=m == MOTION_REFERENCE), gr.update(visible=m == MOTION_PRESET),
                                gr.update(visible=m == MOTION_REFERENCE)),
                     mode, [reference, preset, retarget], queue=False, api_visibility="private")
@@ -491,13 +457,11 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
         prompt_inputs = [subject, source_motion, target_motion, p_c, p_s, p_t]
         gr.on([c.change for c in prompt_inputs], fn=on_prompts, inputs=prompt_inputs, outputs=prompts_view,
               queue=False, api_name="prompts", show_progress="hidden")
-        gallery_outputs = [source, mode, reference, preset, subject, source_motion, target_motion,
-                           num_frames, start, stride, out_edited, out_side, status]
+        gallery_outputs = [controls[name] for name in GALLERY_FIELDS] + [out_edited, out_side, status]
         gallery_name.submit(partial(on_gallery, page), gallery_name, gallery_outputs, api_name="gallery",
                             concurrency_id="preview")
         if gallery_view is not None:
-            gallery_view.select(select_event, None, gallery_outputs, api_visibility="private",
-                                concurrency_id="preview")
+            gallery_view.select(select_event, None, gallery_outputs, api_visibility="private", concurrency_id="preview")
         injection.change(rq.injection_fields, injection, [inject_layers, inject_start, inject_end], queue=False,
                          api_visibility="private")
         estimate_inputs = [num_frames, size, stage1_steps, stage2_steps, ddim_steps]
@@ -509,8 +473,7 @@ def build_demo(editor_or_factory: Any, *, gallery_dir: str | Path | None = DEFAU
                                show_progress_on=[out_edited, status])
         # Edits wait in the runner (FIFO, per-client share), not in Gradio's queue: so every
         # waiting edit can be cancelled and counted, and the models have one owner.
-        cancel.click(cancel_event, None, status, cancels=[edit_event], queue=False,
-                     api_visibility="private")
+        cancel.click(cancel_event, None, status, cancels=[edit_event], queue=False, api_visibility="private")
         push.click(on_push, [downloads, push_repo, push_token], push_status, api_visibility="private")
         demo.unload(unload_event)
     demo.eym_runner = runner  # for health checks and tests
@@ -543,17 +506,6 @@ def _event(handler: Callable, page: Page, request_type: type, *, gradio_request:
 # ---------------------------------------------------------------------------------------------
 # Health check and launch
 # ---------------------------------------------------------------------------------------------
-def health_routes(demo: gr.Blocks) -> list:
-    """``GET /healthz`` -> ``{"status": "ok", "queue": <events waiting>}`` (for load balancers)."""
-    from fastapi.routing import APIRoute
-
-    def healthz() -> dict[str, Any]:
-        queue = getattr(demo, "_queue", None)
-        return {"status": "ok", "queue": len(queue) if queue is not None else 0}
-
-    return [APIRoute("/healthz", healthz, methods=["GET"])]
-
-
 def load_css() -> str:
     return (ASSETS / "app.css").read_text(encoding="utf-8") if (ASSETS / "app.css").is_file() else ""
 
@@ -565,81 +517,9 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
-def default_bind() -> tuple[str, int]:
-    """Host and port from the platform: Spaces and containers set ``GRADIO_SERVER_NAME`` /
-    ``GRADIO_SERVER_PORT``; ``EYM_HOST`` / ``EYM_PORT`` next; loopback and 7860 otherwise."""
-    host = os.environ.get("GRADIO_SERVER_NAME") or os.environ.get("EYM_HOST") or "127.0.0.1"
-    port = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("EYM_PORT") or "7860"
-    try:
-        return host, int(port)
-    except ValueError:
-        raise EymError(f"the port {port!r} (GRADIO_SERVER_PORT / EYM_PORT) is not a number; set it to e.g. 7860") from None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description="Edit-Your-Motion web app (Gradio)")
-    try:
-        host, port = default_bind()
-    except EymError as err:
-        parser.error(str(err))
-    parser.add_argument("--host", default=host,
-                        help="interface to listen on; default $GRADIO_SERVER_NAME (set by Spaces and containers), "
-                             "else $EYM_HOST, else 127.0.0.1")
-    parser.add_argument("--port", type=int, default=port,
-                        help="default $GRADIO_SERVER_PORT, else $EYM_PORT, else 7860")
-    parser.add_argument("--allow-cpu", action="store_true", default=allow_cpu_from_env(),
-                        help="let a real model run on the CPU when no usable GPU is found (hours per edit; "
-                             "or $EYM_ALLOW_CPU=1); without it such edits are refused")
-    parser.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue (default 20)")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="edits running at once, each on its own model copy (default 1: one GPU job); "
-                             "refused when the copies do not fit the GPU")
-    parser.add_argument("--job-time-limit", default=os.environ.get("EYM_JOB_TIME_LIMIT") or None,
-                        help="wall-clock limit of one edit once it runs, e.g. 45m or 2h; stopped at the next step "
-                             "after it (default 1h, or $EYM_JOB_TIME_LIMIT)")
-    parser.add_argument("--jobs-per-client", type=int, default=None,
-                        help="edits one client (address) may have queued or running (default 2, or $EYM_JOBS_PER_CLIENT)")
-    parser.add_argument("--max-work", type=int, default=None,
-                        help="cap on frames x (stage 1 + stage 2 + 2 x DDIM steps) of one edit "
-                             "(default 22400: the paper's settings at 32 frames; or $EYM_MAX_WORK)")
-    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
-    parser.add_argument("--disk-cap-gb", type=float, default=None,
-                        help="cap on job folders + caches; least recently used evicted first, running jobs never "
-                             "(default: $EYM_DISK_CAP_GB, else no cap)")
-    parser.add_argument("--outputs", default=os.environ.get("EYM_OUTPUTS", "outputs"),
-                        help="folder for job outputs, the only folder the server serves (default ./outputs)")
-    parser.add_argument("--gallery", default=str(DEFAULT_GALLERY),
-                        help="gallery folder or manifest (default examples/); 'none' hides the gallery")
-    parser.add_argument("--gallery-mirror", default=os.environ.get("EYM_GALLERY_MIRROR"),
-                        help="local folder holding the gallery's clips, used instead of downloading them from their "
-                             "pinned origins (offline; or $EYM_GALLERY_MIRROR)")
-    parser.add_argument("--model", default=os.environ.get("EYM_MODEL"),
-                        help="SD 1.5: hub id, diffusers folder, .safetensors file or 'tiny' (or $EYM_MODEL); "
-                             "default: SD 1.5 from the local cache, else the tiny demo model")
-    parser.add_argument("--controlnet", default=os.environ.get("EYM_CONTROLNET"),
-                        help="openpose ControlNet: hub id, folder or file (or $EYM_CONTROLNET)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                        help="weight dtype (default: bfloat16 on CUDA cards that have it, else float16; float32 on CPU)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    for name in ("queue_size", "concurrency", "max_upload_mb", "jobs_per_client", "max_work"):
-        if getattr(args, name) is None:
-            continue
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 < args.port < 65536:
-        parser.error(f"--port must be 1-65535, got {args.port}")
-    if args.disk_cap_gb is not None and not args.disk_cap_gb > 0:
-        parser.error(f"--disk-cap-gb must be positive, got {args.disk_cap_gb}")
-    return args
-
-
-def runner_limits(args: argparse.Namespace) -> RunnerLimits:
-    """The runner's operator limits from the flags, the environment and the defaults."""
-    limit = parse_duration(args.job_time_limit) if args.job_time_limit else None
-    return RunnerLimits.from_env(time_limit_s=limit, max_per_client=args.jobs_per_client, max_work=args.max_work,
-                                 max_waiting=args.queue_size)
+    """The flags of ``app.py`` (``eym.server.parse_args``; ``--help`` lists them)."""
+    return server.parse_args(argv, default_gallery=DEFAULT_GALLERY)
 
 
 def launch_demo(demo: gr.Blocks, *, host: str, port: int, outputs_dir: Path, max_upload_mb: int,
@@ -651,57 +531,27 @@ def launch_demo(demo: gr.Blocks, *, host: str, port: int, outputs_dir: Path, max
         (tests) and ``demo.close()`` stops it.
     """
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
-    return demo.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        max_file_size=f"{max_upload_mb}mb",
-        allowed_paths=[str(outputs_dir)],
-        app_kwargs={"routes": health_routes(demo)},
-        theme=theme(),
-        css=load_css(),
-        footer_links=["api"],
-        ssr_mode=False,
-        mcp_server=False,
-        show_error=True,
-        quiet=quiet,
-        prevent_thread_lock=not block,
-    )
+    queued = lambda: len(getattr(demo, "_queue", None) or ())  # noqa: E731  (events waiting, for /healthz)
+    return demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_upload_mb}mb",
+                       allowed_paths=[str(outputs_dir)], app_kwargs={"routes": server.health_routes(queued)},
+                       theme=theme(), css=load_css(), footer_links=["api"], ssr_mode=False, mcp_server=False,
+                       show_error=True, quiet=quiet, prevent_thread_lock=not block)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, load the models once, build the page, queue it and serve it."""
     args = parse_args(argv)
-    if args.disk_cap_gb is not None:  # eym.jobs.new_job reads the cap from the environment
-        os.environ["EYM_DISK_CAP_GB"] = str(args.disk_cap_gb)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    outputs = Path(args.outputs).expanduser().resolve()
     try:
-        outputs.mkdir(parents=True, exist_ok=True)
-        recover(outputs)  # leftovers of jobs killed mid-way in an earlier run
-        limits = runner_limits(args)
-        editors = load_editors(args.model, args.controlnet, device=args.device, dtype=args.dtype,
-                               copies=args.concurrency)
-        gallery = None if args.gallery.lower() == "none" else args.gallery
-        if gallery is not None:  # first start: the clips into the verified clip store (later starts find them)
-            report = fetch_clips(gallery, mirror=args.gallery_mirror, timeout=15)
-            if report.fetched or report.failed:
-                logger.info("gallery clips: %d fetched, %d already there, %d missing", len(report.fetched),
-                            len(report.present), len(report.failed))
-        device = detect_device()
-        components = editors[0].components
-        if not components.is_tiny and components.device.type == "cpu":
-            logger.warning("no usable GPU: %s; %s", device.reason or "no CUDA GPU found",
-                           "running the real model on the CPU as chosen (--allow-cpu): hours per edit" if args.allow_cpu
-                           else "edits are refused: run on a GPU with a torch build matching the driver "
-                                "(docs/DEPLOY.md) or pass --allow-cpu / EYM_ALLOW_CPU=1")
-        demo = build_demo(editors, gallery_dir=gallery, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
-                          concurrency=args.concurrency, limits=limits, device=device, allow_cpu=args.allow_cpu)
+        started = server.start(args)
+        demo = build_demo(started.editors, gallery_dir=started.gallery, outputs_dir=started.outputs,
+                          max_upload_mb=args.max_upload_mb, concurrency=args.concurrency, limits=started.limits,
+                          device=started.device, allow_cpu=args.allow_cpu)
     except EymError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    launch_demo(demo, host=args.host, port=args.port, outputs_dir=outputs, max_upload_mb=args.max_upload_mb,
+    launch_demo(demo, host=args.host, port=args.port, outputs_dir=started.outputs, max_upload_mb=args.max_upload_mb,
                 queue_size=args.queue_size, concurrency=args.concurrency)
     return 0
 

@@ -496,9 +496,6 @@ def free_accelerator_memory() -> None:
 # ---------------------------------------------------------------------------------------------
 # One edit, in a job folder of its own
 # ---------------------------------------------------------------------------------------------
-TUNED_ZIP = "tuned_weights.zip"  # the tuned tensors of a job's source, as a download
-
-
 @dataclass(frozen=True)
 class EditJob:
     """What one finished edit left in its job folder."""
@@ -536,7 +533,7 @@ def run_edit(editor, source, motion, prompts, settings, root: str | os.PathLike,
         downloads = [Path(result.video), Path(result.side_by_side)]
         tuned = editor.find_tuned(source, prompts, settings.tune) if hasattr(editor, "find_tuned") else None
         if tuned is not None:  # the tuned tensors leave the server as a download (and from there to the Hub)
-            from eym.hub import pack_tuned
+            from eym.hub import TUNED_ZIP, pack_tuned
 
             downloads.append(pack_tuned(tuned.path, job.path(TUNED_ZIP)))
     seconds = time.perf_counter() - started

@@ -178,6 +178,22 @@ class EditRequest(PreviewRequest):
                            inject_end=self.inject_end, retarget=self.retarget)
 
 
+def from_gallery(entry, staged) -> dict[str, Any]:
+    """The request values a gallery pair sets (an ``eym.gallery.GalleryEntry`` and its ``StagedEntry``);
+    the controls it leaves out keep their values."""
+    values = {
+        "source": str(staged.source),
+        "mode": MOTION_PRESET if entry.preset else MOTION_REFERENCE,
+        "reference": str(staged.reference) if staged.reference else None,  # None clears the reference
+        "subject": entry.subject or entry.content_prompt or "",
+        "source_motion": entry.source_motion or "",
+        "target_motion": entry.target_motion or "",
+    }
+    optional = {"preset": entry.preset or None, "num_frames": entry.num_frames or None, "start": entry.start,
+                "stride": entry.stride}
+    return values | {k: v for k, v in optional.items() if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving them
 # ---------------------------------------------------------------------------------------------

@@ -179,6 +179,7 @@ class JobRunner:
         editors: one ``Editor`` per worker (each over its own components), or a zero-argument
             factory returning one (called once, on the first job: one worker).
         limits: :class:`RunnerLimits`.
+        concurrency: jobs that may run at once, if the caller set it: needs that many editors.
 
     Usage::
 
@@ -187,8 +188,12 @@ class JobRunner:
             editor.edit(..., callback=ticket.callback(progress))
     """
 
-    def __init__(self, editors: Sequence[Any] | Callable[[], Any], limits: RunnerLimits = RunnerLimits()):
-        if callable(editors) and not hasattr(editors, "edit"):
+    def __init__(self, editors: Sequence[Any] | Callable[[], Any], limits: RunnerLimits = RunnerLimits(), *,
+                 concurrency: int | None = None):
+        self.lazy = callable(editors) and not hasattr(editors, "edit")  # a factory, called on the first job
+        if self.lazy:
+            if concurrency not in (None, 1):
+                raise EymError("a lazily loaded model serves one job at a time; use --concurrency 1")
             self._factory: Callable[[], Any] | None = editors
             self._free: list[Any] = []
             self.workers = 1
@@ -196,6 +201,9 @@ class JobRunner:
             editors = list(editors) if isinstance(editors, (list, tuple)) else [editors]
             if not editors:
                 raise EymError("a job runner needs at least one model copy")
+            if concurrency is not None and len(editors) != concurrency:
+                raise EymError(f"--concurrency {concurrency} needs {concurrency} model copies, got {len(editors)}; "
+                               "each job that runs at once needs its own")
             unets = {id(getattr(getattr(e, "components", None), "unet", e)) for e in editors}
             if len(unets) != len(editors):
                 raise EymError("each worker needs its own model copy; two editors share one UNet")

@@ -253,7 +253,9 @@ def test_concurrency_needs_one_model_copy_per_worker(tmp_path):
     demo = app.build_demo([editor, other], gallery_dir=None, outputs_dir=tmp_path, concurrency=2)
     assert demo.eym_runner.workers == 2
     args = app.parse_args(["--concurrency", "2", "--job-time-limit", "30m", "--jobs-per-client", "3", "--max-work", "999"])
-    limits = app.runner_limits(args)
+    from eym.server import runner_limits
+
+    limits = runner_limits(args)
     assert (limits.time_limit_s, limits.max_per_client, limits.max_work, limits.max_waiting) == (1800.0, 3, 999, 20)
 
 
