@@ -13,10 +13,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from eym.env import allow_cpu_from_env
 from eym.errors import EymError
+
+if TYPE_CHECKING:
+    from eym.runner import RunnerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None, *, default_gallery: str | Path
     return args
 
 
-def runner_limits(args: argparse.Namespace) -> "RunnerLimits":
+def runner_limits(args: argparse.Namespace) -> RunnerLimits:
     """The runner's operator limits from the flags, the environment and the defaults."""
     from eym.jobs import parse_duration
     from eym.runner import RunnerLimits
