@@ -1,20 +1,14 @@
 """Gradio app for Edit-Your-Motion: give a source video and a motion, get the source person moving.
 
-The page walks a user through the method (docs/APP.md has screenshots and the API):
+The page (docs/APP.md: screenshots and the HTTP API) takes a source video and a motion (a
+reference video, a preset or a gallery pair), previews what preprocessing extracted, composes
+P_c, P_s, P_t, runs one queued job with one progress bar and a Cancel button, and shows the
+edited video beside the source and the target skeletons, with downloads.
 
-1. a source video, and a motion: a reference video, a built-in preset, or a gallery pair;
-2. a preview of what preprocessing extracted (frames, skeletons, person masks, reference
-   skeletons retargeted to the source person), refreshed when frames/start/stride/size change;
-3. the subject and the two motions, composed into P_c, P_s, P_t (editable in "Advanced");
-4. one queued job, with one progress bar naming the stage, and a Cancel button;
-5. the edited video beside the source and the reference skeletons, with downloads.
-
-This file only lays out the page and wires it to the ``eym`` library. The handlers are module
-functions of a :class:`Page` (what every request shares) and a typed request
-(:class:`eym.request.PreviewRequest` / :class:`~eym.request.EditRequest`), so tests call them
-without a browser. ``import app`` loads no weights and reads no argv; :func:`build_demo` builds
-the page without launching it, from an ``Editor`` (or anything with its ``edit`` method) or a
-factory that returns one; :func:`main` loads the models once.
+This file only lays out the page and wires it to ``eym``: the handlers are module functions of a
+:class:`Page` (what every request shares) and a typed request (``eym.request.PreviewRequest`` /
+``EditRequest``), so tests call them without a browser. ``import app`` loads no weights and reads
+no argv; :func:`build_demo` builds the page without launching it; :func:`main` loads the models once.
 """
 
 from __future__ import annotations
