@@ -578,17 +578,16 @@ def stage_entry(entry: GalleryEntry, cache_dir: str | Path) -> StagedEntry:
     a per-entry copy solves both. Built as a cache entry (atomic, hash-checked), reused after.
     """
     import cv2
-    import numpy as np
 
     from eym.cache import building, load_entry
-    from eym.video import read_video, write_mp4
+    from eym.video import read_video, thumbnail_strip, write_mp4
 
     folder = Path(cache_dir) / entry.name
     names = {"source": entry.source, "reference": entry.reference}
     if load_entry(folder) is None:
         with building(folder, meta={"entry": entry.name, "source": str(entry.source),
                                     "reference": str(entry.reference) if entry.reference else None}) as tmp:
-            tiles = []
+            firsts = []
             for role, path in names.items():
                 if path is None:
                     continue
@@ -597,11 +596,8 @@ def stage_entry(entry: GalleryEntry, cache_dir: str | Path) -> StagedEntry:
                     write_mp4(video.frames, tmp / f"{role}.mp4", video.fps)
                 else:
                     shutil.copyfile(path, tmp / f"{role}{path.suffix.lower()}")
-                frame = read_video(path, num_frames=1, size=None).frames[0]
-                width = max(1, round(frame.shape[1] * THUMB_HEIGHT / frame.shape[0]))
-                tiles.append(cv2.resize(frame, (width, THUMB_HEIGHT), interpolation=cv2.INTER_AREA))
-            gap = np.full((THUMB_HEIGHT, 4, 3), 255, np.uint8)
-            thumb = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+                firsts.append(read_video(path, num_frames=1, size=None).frames[0])
+            thumb = thumbnail_strip(firsts, height=THUMB_HEIGHT)
             cv2.imwrite(str(tmp / "thumbnail.png"), cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
     found = {p.stem: p for p in folder.iterdir() if p.stem in names}
     return StagedEntry(source=found["source"], reference=found.get("reference"), thumbnail=folder / "thumbnail.png")
@@ -669,3 +665,56 @@ def find_example(entry: str, model: str, *, store: str | Path | None = None) -> 
     side = folder / EXAMPLE_SIDE
     return Example(entry=entry, video=folder / EXAMPLE_VIDEO, side_by_side=side if side.is_file() else None,
                    model=str(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gallery as a page offers it: staged pairs and their finished examples, served copies only
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PageGallery:
+    """The pairs a page can offer: those that staged, in manifest order, with their examples."""
+
+    gallery: Gallery | None  # the loaded manifest (None: no gallery)
+    staged: dict[str, StagedEntry] = field(default_factory=dict)  # name -> playable copies under the served folder
+    examples: dict[str, Example] = field(default_factory=dict)  # name -> finished example, copied under the served folder
+
+    @property
+    def entries(self) -> list[GalleryEntry]:
+        return [e for e in self.gallery.entries if e.name in self.staged] if self.gallery is not None else []
+
+
+def stage_gallery(path: str | Path | None, served_dir: str | Path, model: str | None) -> PageGallery:
+    """Load a gallery, stage every pair under ``served_dir/_gallery`` and copy the finished
+    examples made with ``model`` under ``served_dir/_examples``; pairs that fail are left out.
+
+    Args:
+        path: gallery folder or manifest (:func:`load_gallery`, missing clips skipped); None for none.
+        served_dir: the only folder the server serves files from.
+        model: the loaded base model's id, to find its finished examples; None for none.
+    Raises:
+        EymError: the manifest is invalid.
+    """
+    if path is None:
+        return PageGallery(None)
+    gallery = load_gallery(path, skip_missing=True)
+    served_dir = Path(served_dir)
+    staged: dict[str, StagedEntry] = {}
+    examples: dict[str, Example] = {}
+    for entry in gallery.entries:
+        try:
+            staged[entry.name] = stage_entry(entry, served_dir / "_gallery")
+        except (EymError, OSError) as err:
+            logger.warning("gallery: leaving out %s: %s", entry.name, err)
+            continue
+        example = find_example(entry.name, model) if isinstance(model, str) else None
+        if example is not None:
+            folder = served_dir / "_examples" / entry.name
+            folder.mkdir(parents=True, exist_ok=True)
+            copies = {kind: folder / getattr(example, kind).name for kind in ("video", "side_by_side")
+                      if getattr(example, kind) is not None}
+            for kind, copy in copies.items():
+                shutil.copyfile(getattr(example, kind), copy)
+            examples[entry.name] = Example(entry=example.entry, video=copies["video"],
+                                           side_by_side=copies.get("side_by_side"), model=example.model)
+    logger.info("gallery: %d pairs on the page, %d with a finished example", len(staged), len(examples))
+    return PageGallery(gallery, staged, examples)

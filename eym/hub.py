@@ -16,6 +16,7 @@ from typing import Any
 from eym.errors import EymError
 
 TUNED_FILES = ("tuned.safetensors", "manifest.json")
+TUNED_ZIP = "tuned_weights.zip"  # the name of a job's tuned-weights download (pack_tuned)
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 

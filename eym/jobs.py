@@ -132,6 +132,7 @@ class Job:
     folder: Path  # root / id; everything the job writes goes here
     _lock_fd: int | None = field(default=None, repr=False)
     _pins: list[int] = field(default_factory=list, repr=False)
+    keep_failed: bool = True  # False: the context manager removes the folder of a job that raised
 
     @property
     def running(self) -> bool:
@@ -166,6 +167,8 @@ class Job:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.finish(ok=exc_type is None)
+        if exc_type is not None and not self.keep_failed:  # only complete results stay in the outputs folder
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def jobs_root() -> Path:
@@ -173,13 +176,14 @@ def jobs_root() -> Path:
     return eym_home() / "jobs"
 
 
-def new_job(root: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> Job:
+def new_job(root: str | os.PathLike | None = None, *, max_bytes: int | None = None, keep_failed: bool = True) -> Job:
     """Create and lock a fresh job folder under ``root``; evict old entries if over the cap.
 
     Args:
         root: folder holding job folders (default ``eym_home()/jobs``).
         max_bytes: disk cap applied over ``root`` and the cache folders of ``eym_home()``
             before the job starts (default: ``$EYM_DISK_CAP_GB`` if set, else no cap).
+        keep_failed: keep the folder of a job that raised in its ``with`` block (False: removed).
 
     Returns:
         A running :class:`Job` whose folder exists and is locked.
@@ -192,7 +196,7 @@ def new_job(root: str | os.PathLike | None = None, *, max_bytes: int | None = No
     fd = _open_lock(folder / JOB_LOCK)
     fcntl.flock(fd, fcntl.LOCK_EX)
     atomic_write_json(folder / JOB_INFO, {"id": job_id, "pid": os.getpid(), "started": time.time(), "state": "running"})
-    job = Job(id=job_id, folder=folder, _lock_fd=fd)
+    job = Job(id=job_id, folder=folder, _lock_fd=fd, keep_failed=keep_failed)
     if max_bytes is None:
         max_bytes = cap_from_env()
     if max_bytes is not None:
@@ -390,6 +394,20 @@ def clear(roots: Sequence[str | os.PathLike] | None = None, *, older_than_s: flo
     return removed
 
 
+def enforce_disk_cap(*roots: str | os.PathLike) -> list[Entry]:
+    """Apply ``$EYM_DISK_CAP_GB`` (if set) to the cache folders and ``roots``, before new work."""
+    cap = cap_from_env()
+    if cap is None:
+        return []
+    return enforce_cap(cap, default_roots(extra=[r for r in roots if Path(r).is_dir()]))
+
+
+def recover(root: str | os.PathLike) -> None:
+    """At a server's start: remove what jobs killed mid-way in an earlier run left in ``root``."""
+    clean_stale_tmp(root)
+    remove_crashed([root])
+
+
 def remove_crashed(roots: Sequence[str | os.PathLike] | None = None) -> list[Entry]:
     """Remove job folders whose process died mid-job ("crashed") or that failed; never a running one.
 
@@ -473,3 +491,53 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
         with contextlib.suppress(RuntimeError):
             torch.cuda.ipc_collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# One edit, in a job folder of its own
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditJob:
+    """What one finished edit left in its job folder."""
+
+    id: str  # the job folder's name under the outputs folder
+    video: Path  # the edited video
+    side_by_side: Path  # source | target skeletons | edited
+    source_video: Path  # the source frames as processed
+    skeleton_video: Path  # the skeletons the editing branch was conditioned on
+    downloads: list[Path]  # edited, side by side, and the tuned weights' zip when the editor keeps them
+    seconds: float  # wall-clock time of the job
+    reused_tuning: bool  # no tuning this time: the source's tuned weights were cached
+
+
+def run_edit(editor, source, motion, prompts, settings, root: str | os.PathLike, *, callback=None) -> EditJob:
+    """Run ``editor.edit`` in a fresh, locked job folder under ``root``; a failed or stopped job's
+    folder is removed, so only complete results stay there.
+
+    Args:
+        editor: an :class:`~eym.editor.Editor` (or anything with its ``edit``; ``find_tuned`` optional).
+        source: the source ``Clip``.  motion: the ``Motion`` that drives the edit.
+        prompts: the three prompts.  settings: the ``EditConfig``.
+        callback: progress ``(stage, step, total)``; raising from it stops the job.
+    Raises:
+        EymError: GPU out of memory (with the setting to lower), or the editor's own errors.
+    """
+    from eym.video import write_mp4
+
+    started = time.perf_counter()
+    with new_job(root, keep_failed=False) as job:
+        with oom_guard(frames=len(source.frames), size=source.frames.shape[1]):
+            result = editor.edit(source, motion, prompts, settings, out_dir=job.folder, callback=callback)
+        source_mp4 = write_mp4(source.frames, job.path("source.mp4"), source.fps)
+        skeleton_mp4 = write_mp4(result.skeletons, job.path("target_skeletons.mp4"), source.fps)
+        downloads = [Path(result.video), Path(result.side_by_side)]
+        tuned = editor.find_tuned(source, prompts, settings.tune) if hasattr(editor, "find_tuned") else None
+        if tuned is not None:  # the tuned tensors leave the server as a download (and from there to the Hub)
+            from eym.hub import TUNED_ZIP, pack_tuned
+
+            downloads.append(pack_tuned(tuned.path, job.path(TUNED_ZIP)))
+    seconds = time.perf_counter() - started
+    logger.info("job %s done in %.1f s (reused tuning: %s)", job.id, seconds, result.reused_tuning)
+    return EditJob(id=job.id, video=Path(result.video), side_by_side=Path(result.side_by_side), source_video=source_mp4,
+                   skeleton_video=skeleton_mp4, downloads=downloads, seconds=seconds,
+                   reused_tuning=bool(result.reused_tuning))

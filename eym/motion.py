@@ -68,7 +68,8 @@ def resolve_motion(
             from eym.probe import check_upload
 
             check_upload(reference, config, limits)
-        clip, label = preprocess(Path(reference), config, with_masks=False, callback=callback), str(reference)
+        clip = preprocess(Path(reference), config, with_masks=False, callback=callback, probe_limits=limits)
+        label = str(reference)
     else:
         clip, label = reference, str(getattr(reference, "source", "") or getattr(reference, "path", "") or "clip")
     return Motion(keypoints=motion_keypoints(source, clip, retarget=retarget),

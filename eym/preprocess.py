@@ -268,6 +268,7 @@ def preprocess(
     with_masks: bool = True,
     callback: ProgressCallback | None = None,
     limits: VideoLimits = VideoLimits(),
+    probe_limits: ProbeLimits | None = None,
     progress: bool = False,
 ) -> Clip:
     """Turn a video or frame folder into a :class:`Clip`, reusing the cache when possible.
@@ -280,6 +281,9 @@ def preprocess(
         with_masks: compute person masks (a reference clip does not need them).
         callback: ``callback("preprocess", step, total)`` after each stage.
         limits: resolution and duration caps for the input.
+        probe_limits: what the input may be (:class:`~eym.probe.ProbeLimits`); default: the
+            limits of a local input, from ``limits``. The app passes its upload limits, so an
+            upload it already checked is not probed a second time.
         progress: show tqdm bars while detecting.
 
     Returns:
@@ -307,7 +311,7 @@ def preprocess(
     #    (an outside symlink, a damaged copy) that would not pass on its own.
     if not video.exists():
         raise EymError(f"{video}: no such file or folder; check the path")
-    probe(video, limits=ProbeLimits(
+    probe(video, limits=probe_limits or ProbeLimits(
         max_bytes=_MAX_INPUT_BYTES, max_seconds=limits.max_duration_s, max_side=limits.max_side,
         max_frames=limits.max_source_frames,
     ))

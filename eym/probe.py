@@ -141,7 +141,7 @@ def probe(path: str | os.PathLike, *, limits: ProbeLimits = ProbeLimits(), min_f
     else:
         raise EymError(f"{name} is not a regular file or folder; upload a video file")
 
-    result = _run_worker(path, kind, limits)
+    result = _probe_worker_cached(path, kind, limits)
     info = ProbeInfo(
         path=path,
         kind=kind,
@@ -160,6 +160,26 @@ def probe(path: str | os.PathLike, *, limits: ProbeLimits = ProbeLimits(), min_f
         )
     logger.debug("probed %s: %s", path, info)
     return info
+
+
+# Results of the probe process for files that passed, by (path, inode, mtime, size, limits): an
+# upload is probed once however many previews and edits use it. Bounded; a changed file has
+# another key. Folders are not cached (an image can change without the folder's mtime moving).
+_PROBED: dict[tuple, dict[str, Any]] = {}
+_PROBED_MAX = 64
+
+
+def _probe_worker_cached(path: Path, kind: str, limits: ProbeLimits) -> dict[str, Any]:
+    if kind != "video":
+        return _run_worker(path, kind, limits)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size, limits)
+    if key not in _PROBED:
+        result = _run_worker(path, kind, limits)  # raises for a refused file: failures are not kept
+        while len(_PROBED) >= _PROBED_MAX:
+            _PROBED.pop(next(iter(_PROBED)))
+        _PROBED[key] = result
+    return _PROBED[key]
 
 
 def sniff_container(head: bytes) -> str | None:

@@ -179,6 +179,7 @@ class JobRunner:
         editors: one ``Editor`` per worker (each over its own components), or a zero-argument
             factory returning one (called once, on the first job: one worker).
         limits: :class:`RunnerLimits`.
+        concurrency: jobs that may run at once, if the caller set it: needs that many editors.
 
     Usage::
 
@@ -187,8 +188,12 @@ class JobRunner:
             editor.edit(..., callback=ticket.callback(progress))
     """
 
-    def __init__(self, editors: Sequence[Any] | Callable[[], Any], limits: RunnerLimits = RunnerLimits()):
-        if callable(editors) and not hasattr(editors, "edit"):
+    def __init__(self, editors: Sequence[Any] | Callable[[], Any], limits: RunnerLimits = RunnerLimits(), *,
+                 concurrency: int | None = None):
+        self.lazy = callable(editors) and not hasattr(editors, "edit")  # a factory, called on the first job
+        if self.lazy:
+            if concurrency not in (None, 1):
+                raise EymError("a lazily loaded model serves one job at a time; use --concurrency 1")
             self._factory: Callable[[], Any] | None = editors
             self._free: list[Any] = []
             self.workers = 1
@@ -196,6 +201,9 @@ class JobRunner:
             editors = list(editors) if isinstance(editors, (list, tuple)) else [editors]
             if not editors:
                 raise EymError("a job runner needs at least one model copy")
+            if concurrency is not None and len(editors) != concurrency:
+                raise EymError(f"--concurrency {concurrency} needs {concurrency} model copies, got {len(editors)}; "
+                               "each job that runs at once needs its own")
             unets = {id(getattr(getattr(e, "components", None), "unet", e)) for e in editors}
             if len(unets) != len(editors):
                 raise EymError("each worker needs its own model copy; two editors share one UNet")
@@ -399,3 +407,33 @@ def check_copies_fit(components: Any, copies: int) -> str:
             )
         line += f"; {free / 2**30:.1f} GB of GPU memory left"
     return line
+
+
+def load_editors(model: str | None, controlnet: str | None, *, device: str | None, dtype: str, copies: int) -> list:
+    """One :class:`~eym.editor.Editor` per worker, each over its own model copy (refused if they do not fit).
+
+    SD 1.5 from the local cache, else (with no ``model``) the tiny random-weight model
+    (:meth:`Editor.from_pretrained` with ``tiny_fallback``).
+    """
+    from eym.editor import Editor
+
+    def load():
+        return Editor.from_pretrained(model, controlnet, device=device, dtype=dtype, tiny_fallback=True)
+
+    first = load()
+    logger.info("job runner: %s", check_copies_fit(first.components, copies))
+    return [first] + [load() for _ in range(copies - 1)]
+
+
+def describe_editor(editor: Any) -> tuple[str, bool]:
+    """(one line naming an editor's models, whether they are the tiny random-weight bundle)."""
+    components = getattr(editor, "components", None)
+    if components is None:
+        return "unknown model", False
+    try:
+        from eym.models import describe
+
+        line = describe(components)
+    except (ImportError, AttributeError):  # a stand-in editor with a partial components object
+        line = f"{components.model_id} + ControlNet {components.controlnet_id}"
+    return line, bool(getattr(components, "is_tiny", False))

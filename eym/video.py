@@ -494,6 +494,48 @@ def side_by_side(*videos: np.ndarray) -> np.ndarray:
     return np.concatenate([_to_height(video, height) for video in videos], axis=2)
 
 
+def thumbnail_strip(frames, *, height: int, width: int | None = None, per_row: int | None = None,
+                    gap: int = 4) -> np.ndarray:
+    """Frames side by side on white, wrapping every ``per_row``: the one tiling of the app's
+    preview, the gallery thumbnails and :func:`contact_sheet`.
+
+    Args:
+        frames: (F, H, W, 3) uint8, or a list of frames of different sizes.
+        height: tile height in pixels.
+        width: tile width; None keeps each frame's aspect ratio.
+        per_row: tiles per row (default: all in one row).
+        gap: white pixels between tiles and rows.
+    Returns:
+        (rows * (height + gap) - gap, widest row, 3) uint8 image.
+    """
+    frames = list(frames)
+    if not frames:
+        raise ValueError("thumbnail_strip needs at least one frame")
+    per_row = per_row or len(frames)
+    tiles = [cv2.resize(np.ascontiguousarray(f), (width or max(1, round(f.shape[1] * height / f.shape[0])), height),
+                        interpolation=cv2.INTER_AREA) for f in frames]
+    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+    row_widths = [sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in rows]
+    out = np.full((len(rows) * (height + gap) - gap, max(row_widths), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        x = 0
+        for tile in row:
+            out[r * (height + gap):r * (height + gap) + height, x:x + tile.shape[1]] = tile
+            x += tile.shape[1] + gap
+    return out
+
+
+def mask_overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The person in full colour, the background dimmed and tinted: what stage 1 trains on.
+
+    Args:
+        frames: (F, H, W, 3) uint8.  masks: (F, H, W) bool.
+    """
+    tint = np.array([40, 40, 70], np.float32)
+    dim = frames.astype(np.float32) * 0.25 + tint
+    return np.where(masks[..., None], frames, dim).clip(0, 255).astype(np.uint8)
+
+
 def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: int = 96) -> np.ndarray:
     """Stack videos as labelled rows of frames: one row per video, one column per frame.
 
@@ -509,13 +551,12 @@ def contact_sheet(rows: dict[str, np.ndarray], *, cell: int = 160, label_width: 
         raise EymError(f"contact sheet rows have different frame counts {counts}")
     strips = []
     for label, frames in rows.items():
-        cells = [cv2.resize(np.ascontiguousarray(f), (cell, cell), interpolation=cv2.INTER_AREA) for f in frames]
         strip = np.full((cell, label_width, 3), 255, np.uint8)
         scale = 0.4 * cell / 160
         for i, word in enumerate(label.split() if label_width else []):  # one word per line keeps labels inside the strip
             cv2.putText(strip, word, (6, int(cell * 0.4) + i * int(22 * cell / 160)), cv2.FONT_HERSHEY_SIMPLEX,
                         scale, (0, 0, 0), 1, cv2.LINE_AA)
-        strips.append(np.concatenate([strip, *cells], axis=1))
+        strips.append(np.concatenate([strip, thumbnail_strip(frames, height=cell, width=cell, gap=0)], axis=1))
     return np.concatenate(strips, axis=0)
 
 

@@ -23,6 +23,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import app  # noqa: E402
+from eym import request as rq  # noqa: E402
 from eym.errors import EymError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,20 +101,89 @@ def test_injection_presets_fill_the_fields_the_edit_reads():
     from eym.injection import INJECTION_PRESETS, InjectionSchedule
     from eym.preprocess import PreprocessConfig
 
-    assert app.DEFAULT_INJECTION in INJECTION_PRESETS
+    names, default = rq.injection_choices()
+    assert default in INJECTION_PRESETS and names == list(INJECTION_PRESETS)
     for name, schedule in INJECTION_PRESETS.items():
-        layers, start, end = app.injection_fields(name)
-        config = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
-                                 ddim_steps=50, inject_layers=layers, inject_start=start, inject_end=end, retarget=True)
+        layers, start, end = rq.injection_fields(name)
+        config = rq.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                                ddim_steps=50, inject_layers=layers, inject_start=start, inject_end=end, retarget=True)
         assert config.infer.injection.steps(50) == schedule.steps(50)
         assert config.infer.injection.layers == schedule.layers
-    assert app.injection_fields("MotionEditor-like: decoder, after step 4") == ("up", 4, None)
-    custom = app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
-                             ddim_steps=10, inject_layers="7-15", inject_start=2, inject_end=6, retarget=True)
+    assert rq.injection_fields("MotionEditor-like: decoder, after step 4") == ("up", 4, None)
+    custom = rq.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                            ddim_steps=10, inject_layers="7-15", inject_start=2, inject_end=6, retarget=True)
     assert custom.infer.injection == InjectionSchedule(layers="7-15", start_step=2, end_step=6)
     with pytest.raises(EymError, match="injection layers"):
-        app.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
-                        ddim_steps=10, inject_layers="sideways", inject_start=0, inject_end=None, retarget=True)
+        rq.edit_config(PreprocessConfig(num_frames=4, size=64), seed=0, stage1_steps=1, stage2_steps=1,
+                       ddim_steps=10, inject_layers="sideways", inject_start=0, inject_end=None, retarget=True)
+
+
+def test_edit_request_from_the_controls_gives_the_edit_config(tmp_path):
+    """The request's fields are the /edit API's parameters, in order, and its configs are the library's."""
+    from dataclasses import fields
+
+    from eym.editor import EditConfig, InferConfig, TuneConfig
+    from eym.injection import InjectionSchedule
+    from eym.preprocess import PreprocessConfig
+
+    values = dict(source="s.mp4", mode=app.MOTION_PRESET, reference=None, preset="wave", num_frames=6, start=3,
+                  stride=2, size=128, retarget=False, subject="A man", source_motion="walking",
+                  target_motion="waving", p_c="", p_s="", p_t="", seed=7, stage1_steps=5, stage2_steps=4,
+                  ddim_steps=9, inject_layers="up", inject_start=1, inject_end=8)
+    req = app.EditRequest(*values.values())  # positional, as Gradio passes the page's inputs
+    assert [f.name for f in fields(app.EditRequest)] == list(values)
+    expected = EditConfig(preprocess=PreprocessConfig(num_frames=6, size=128, start=3, stride=2),
+                          tune=TuneConfig(steps1=5, steps2=4, seed=7),
+                          infer=InferConfig(ddim_steps=9, retarget=False,
+                                            injection=InjectionSchedule(layers="up", start_step=1, end_step=8)))
+    assert req.settings() == expected
+    assert req.motion() == {"preset": "wave"} and req.has_motion()
+    assert "waving" in req.prompts().target
+    auto = app.EditRequest(source="s.mp4", stride=0, inject_end="")  # 0 / empty: automatic stride, the last step
+    assert auto.preprocess_config().stride is None and auto.settings().infer.injection.end_step is None
+    with pytest.raises(EymError, match="upload a reference video"):
+        app.EditRequest(source="s.mp4", mode=app.MOTION_REFERENCE).motion()
+    with pytest.raises(EymError, match="choose a preset motion"):
+        app.PreviewRequest(source="s.mp4", mode=app.MOTION_PRESET).motion()
+    demo = app.build_demo(FakeEditor(), gallery_dir=None, outputs_dir=tmp_path)
+    api = demo.get_api_info()["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/edit"]["parameters"]] == list(values)
+    assert [p["parameter_name"] for p in api["/preview"]["parameters"]] == [f.name for f in fields(app.PreviewRequest)]
+
+
+def _page(tmp_path, editor=None, **kw) -> "app.Page":
+    from eym.gallery import PageGallery
+    from eym.runner import JobRunner
+
+    return app.Page(runner=JobRunner([editor or FakeEditor()]), limits=rq.upload_limits(1),
+                    outputs_dir=tmp_path / "outputs", gallery=PageGallery(None), **kw)
+
+
+def test_handlers_are_callable_without_a_browser(tmp_path):
+    import gradio as gr
+
+    page = _page(tmp_path)
+    assert app.on_preview(page, app.PreviewRequest()) == (None, None, None, None, page.start_hint)
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video\n" * 50)
+    with pytest.raises(gr.Error) as caught:  # the page's words: the file's name, never its folder
+        app.on_preview(page, app.PreviewRequest(source=str(bad), num_frames=4, size=64))
+    assert "notes.mp4 is not a video" in caught.value.message and str(tmp_path) not in caught.value.message
+    with pytest.raises(gr.Error, match="upload a source video first"):
+        app.on_edit(page, app.EditRequest(subject="A man", target_motion="waving"))
+    with pytest.raises(gr.Error, match="target motion is empty"):
+        app.on_edit(page, app.EditRequest(source=str(bad), subject="A man"))
+    assert page.runner.snapshot() == [], "a refused edit gives its ticket back"
+    assert "P_t" in app.on_prompts("A man", "walking", "waving", "", "", "")
+    assert "subject description is empty" in app.on_prompts("", "walking", "waving", "", "", "")
+    assert app.on_cancel(page, None).startswith("Nothing to cancel")
+    assert app.on_gallery(page, None) == tuple([gr.update()] * 13)
+    with pytest.raises(gr.Error, match="no gallery entry called 'nope'"):
+        app.on_gallery(page, "nope")
+    assert "expect hours" in app.on_estimate(page, 8, 64, 2, 2, 3)  # no measured figures
+    tiny = _page(tmp_path, figures=rq.step_figures(None, True))
+    assert "whole numbers" in app.on_estimate(tiny, "x", 64, 2, 2, 3)
+    assert "skips tuning (about" in app.on_estimate(tiny, 8, 64, 2, 2, 3)
 
 
 def test_build_demo_with_fake_builds_without_launching(tmp_path):
@@ -146,12 +216,15 @@ def test_real_model_page_has_no_banner_and_paper_defaults(tmp_path):
     assert values["stage1-steps"] == 300 and values["ddim-steps"] == 50 and values["size"] == 512
 
 
-def test_progress_relay_walks_one_bar_weighted_by_expected_time_and_cancels():
+def test_progress_bar_walks_one_bar_weighted_by_expected_time_and_cancels():
+    from eym.progress import STAGE_LABELS, StageBar
+    from eym.runner import JobCancelled, Ticket
+
     seen = []
     expected = {"preprocess": 1.0, "stage1": 40.0, "stage2": 40.0, "inversion": 8.0, "sampling": 10.0, "decode": 1.0}
-    cancel = app.Ticket(id=1, client="c", session="s")
-    relay = app.ProgressRelay(lambda fraction, desc: seen.append((fraction, desc)), cancel, expected)
-    for stage in app.STAGES:
+    cancel = Ticket(id=1, client="c", session="s")
+    relay = cancel.callback(StageBar(lambda fraction, desc: seen.append((fraction, desc)), expected))
+    for stage in STAGE_LABELS:
         for step in range(4):
             relay(stage, step, 3)
     fractions = [f for f, _ in seen]
@@ -160,19 +233,8 @@ def test_progress_relay_walks_one_bar_weighted_by_expected_time_and_cancels():
     # stage 1 is 40% of the expected time, so it takes 40% of the bar (not 1/6)
     assert fractions[7] - fractions[3] == pytest.approx(0.4, abs=0.01)
     cancel.cancel()
-    with pytest.raises(app.JobCancelled):
+    with pytest.raises(JobCancelled):
         relay("sampling", 1, 3)
-
-
-def test_strip_and_mask_overlay():
-    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 48, 3), dtype=np.uint8)
-    out = app.strip(frames, height=16, per_row=4)
-    assert out.shape == (3 * 20 - 4, 4 * 28 - 4, 3) and out.dtype == np.uint8
-    masks = np.zeros((10, 32, 48), bool)
-    masks[:, 8:24, 8:24] = True
-    over = app.mask_overlay(frames, masks)
-    assert np.array_equal(over[masks], frames[masks])
-    assert (over[~masks].astype(int) <= frames[~masks].astype(int) * 0.25 + 71).all()
 
 
 def test_compose_prompts_and_overrides():
@@ -344,16 +406,18 @@ def test_api_errors_are_messages_and_the_app_keeps_serving(server, client, tmp_p
 
 def test_cancelled_job_leaves_no_folder_behind(tmp_path):
     """Cancel raises at the editor's next callback; the job folder (and anything in it) is removed."""
+    from eym.jobs import run_edit
     from eym.preprocess import clip_from_keypoints
     from eym.presets import preset_motion
+    from eym.runner import JobCancelled, Ticket
 
     clip = clip_from_keypoints(preset_motion("wave", 4), 64, 8.0)
-    cancel = app.Ticket(id=1, client="c", session="s")
-    relay = app.ProgressRelay(None, cancel)
+    cancel = Ticket(id=1, client="c", session="s")
     editor = FakeEditor()
     settings = types.SimpleNamespace(infer=types.SimpleNamespace(retarget=False))
-    out = app.run_job(editor, clip, clip, None, settings, tmp_path, relay)
-    assert Path(out[0]).is_file() and "Saved to" in out[-1]
+    job = run_edit(editor, clip, clip, None, settings, tmp_path, callback=cancel.callback())
+    assert job.video.is_file() and job.source_video.is_file() and "Saved to" in app.done_message(job)
+    assert json.loads((tmp_path / job.id / "job.json").read_text())["state"] == "done"
     done = {p.name for p in tmp_path.iterdir()}
 
     original = editor.edit
@@ -364,6 +428,6 @@ def test_cancelled_job_leaves_no_folder_behind(tmp_path):
         return original(*args, **kwargs)
 
     editor.edit = edit_then_cancel
-    with pytest.raises(app.JobCancelled):
-        app.run_job(editor, clip, clip, None, settings, tmp_path, relay)
+    with pytest.raises(JobCancelled):
+        run_edit(editor, clip, clip, None, settings, tmp_path, callback=cancel.callback())
     assert {p.name for p in tmp_path.iterdir()} == done, "the cancelled job's folder must be gone"

@@ -371,3 +371,36 @@ def test_offline_one_unanswered_download_is_enough(tmp_path):
     report = fetch_clips(manifest, store=tmp_path / "store", timeout=5)
     assert "download failed" in report.failed["clips/a.mp4"]
     assert report.failed["clips/b.mp4"].startswith("not tried") and report.failed["clips/c.mp4"].startswith("not tried")
+
+
+def test_stage_gallery_offers_the_pairs_that_stage_with_their_examples(tmp_path, monkeypatch):
+    """Playable copies and a source | reference thumbnail under the served folder; a pair that
+    cannot be read is left out; a finished example is copied next to them; the request values."""
+    from eym.gallery import save_example, stage_gallery
+    from eym.request import MOTION_PRESET, MOTION_REFERENCE, from_gallery
+    from eym.video import write_mp4
+
+    folder = _folder(tmp_path / "g")
+    write_mp4(np.full((4, 32, 48, 3), 60, np.uint8), folder / "clips" / "a.mp4", 8.0)  # b.mp4 stays unreadable
+    write_mp4(np.full((4, 32, 32, 3), 200, np.uint8), folder / "clips" / "c.mp4", 8.0)
+    _write(folder, {"version": 1, "entries": [
+        _entry(name="good", reference="clips/c.mp4", stride=2), _entry(name="broken"),
+        _entry(name="preset", reference=None, preset="wave")]})
+    monkeypatch.setenv("EYM_EXAMPLES", str(tmp_path / "examples"))
+    save_example("good", "my-model", folder / "clips" / "a.mp4")
+    served = tmp_path / "outputs"
+    page = stage_gallery(folder, served, "my-model")
+    assert [e.name for e in page.entries] == ["good", "preset"]
+    good = page.staged["good"]
+    assert good.source.parent == served / "_gallery" / "good" and good.reference.name == "reference.mp4"
+    import cv2
+
+    thumb = cv2.imread(str(good.thumbnail))
+    assert thumb.shape == (160, 240 + 4 + 160, 3)  # each clip's first frame at 160 px, its own aspect
+    assert set(page.examples) == {"good"} and page.examples["good"].video.parent == served / "_examples" / "good"
+    assert stage_gallery(folder, served, None).examples == {} and stage_gallery(None, served, "m").entries == []
+    values = from_gallery(page.gallery.get("good"), good)
+    assert values["mode"] == MOTION_REFERENCE and values["reference"] == str(good.reference)
+    assert values["stride"] == 2 and "preset" not in values and "start" not in values  # those keep their values
+    preset = from_gallery(page.gallery.get("preset"), page.staged["preset"])
+    assert preset["mode"] == MOTION_PRESET and preset["preset"] == "wave" and preset["reference"] is None

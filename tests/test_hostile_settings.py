@@ -159,17 +159,17 @@ def test_ddim_steps_over_the_models_schedule_fail_before_tuning():
 ])
 def test_hostile_app_values_are_messages(field, value):
     """The page's values go through the same validator; a Gradio number can be NaN, inf or huge."""
-    import app
+    from eym.request import edit_config, preprocess_config
 
     values = dict(num_frames=8, start=0, stride=0, size=64, seed=0, stage1_steps=2, stage2_steps=2, ddim_steps=3,
                   inject_start=0, inject_end="", inject_layers="all")
     values[field] = value
     with pytest.raises(EymError):
-        config = app._preprocess_config(values["num_frames"], values["start"], values["stride"], values["size"])
-        app.edit_config(config, seed=values["seed"], stage1_steps=values["stage1_steps"],
-                        stage2_steps=values["stage2_steps"], ddim_steps=values["ddim_steps"],
-                        inject_layers=values["inject_layers"], inject_start=values["inject_start"],
-                        inject_end=values["inject_end"], retarget=True)
+        config = preprocess_config(values["num_frames"], values["start"], values["stride"], values["size"])
+        edit_config(config, seed=values["seed"], stage1_steps=values["stage1_steps"],
+                    stage2_steps=values["stage2_steps"], ddim_steps=values["ddim_steps"],
+                    inject_layers=values["inject_layers"], inject_start=values["inject_start"],
+                    inject_end=values["inject_end"], retarget=True)
 
 
 def test_cli_strips_terminal_escapes_from_echoed_prompts(tmp_path, monkeypatch):

@@ -320,3 +320,20 @@ def test_oom_guard_leaves_other_errors_alone():
         raise ValueError("unrelated")
     with pytest.raises(RuntimeError, match="shape mismatch"), jobs.oom_guard():
         raise RuntimeError("shape mismatch")
+
+
+def test_a_job_that_raises_keeps_or_removes_its_folder_as_asked(tmp_path):
+    from eym.jobs import new_job
+
+    with pytest.raises(RuntimeError):
+        with new_job(tmp_path, keep_failed=True) as kept:
+            raise RuntimeError("boom")
+    assert json.loads((kept.folder / "job.json").read_text())["state"] == "failed"
+    with pytest.raises(KeyboardInterrupt):  # a stop of any kind, not only an Exception
+        with new_job(tmp_path, keep_failed=False) as gone:
+            (gone.folder / "partial.mp4").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not gone.folder.exists() and not gone.running
+    with new_job(tmp_path, keep_failed=False) as done:
+        pass
+    assert json.loads((done.folder / "job.json").read_text())["state"] == "done"

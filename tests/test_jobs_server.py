@@ -63,16 +63,16 @@ def _frames(path: str | Path) -> np.ndarray:
 
 def _lone(editor, args: dict, out: Path) -> np.ndarray:
     """The same edit, alone, through the same library calls as the page."""
+    from eym.motion import resolve_motion
     from eym.probe import ProbeLimits
+    from eym.request import EditRequest, load_source
 
     limits = ProbeLimits()
-    config = app._preprocess_config(args["num_frames"], args["start"], args["stride"], args["size"])
-    prompts = app.compose_prompts(args["subject"], args["source_motion"], args["target_motion"], "", "", "")
-    settings = app.edit_config(config, seed=args["seed"], stage1_steps=args["stage1_steps"], stage2_steps=args["stage2_steps"],
-                               ddim_steps=args["ddim_steps"], inject_layers=args["inject_layers"],
-                               inject_start=args["inject_start"], inject_end=args["inject_end"], retarget=args["retarget"])
-    src = app.load_source(args["source"], config, limits)
-    ref = app.load_motion(args["mode"], args["reference"], None, src, config, limits, retarget=settings.infer.retarget)
+    req = EditRequest(**args)
+    config, prompts = req.preprocess_config(), req.prompts()
+    settings = req.settings(config)
+    src = load_source(req.source, config, limits)
+    ref = resolve_motion(src, **req.motion(), config=config, retarget=settings.infer.retarget, limits=limits)
     return _frames(editor.edit(src, ref, prompts, settings, out_dir=out).video)
 
 
@@ -253,7 +253,9 @@ def test_concurrency_needs_one_model_copy_per_worker(tmp_path):
     demo = app.build_demo([editor, other], gallery_dir=None, outputs_dir=tmp_path, concurrency=2)
     assert demo.eym_runner.workers == 2
     args = app.parse_args(["--concurrency", "2", "--job-time-limit", "30m", "--jobs-per-client", "3", "--max-work", "999"])
-    limits = app.runner_limits(args)
+    from eym.server import runner_limits
+
+    limits = runner_limits(args)
     assert (limits.time_limit_s, limits.max_per_client, limits.max_work, limits.max_waiting) == (1800.0, 3, 999, 20)
 
 
@@ -261,7 +263,9 @@ def test_the_page_takes_video_files_only(tmp_path):
     """A folder sent through the API is not a video upload (frame folders are a CLI input)."""
     from eym.errors import EymError
     from eym.preprocess import PreprocessConfig
+    from eym.motion import resolve_motion
     from eym.probe import ProbeLimits, check_upload
+    from eym.request import load_source
 
     from tests.synthetic import synthetic_clip
 
@@ -270,7 +274,7 @@ def test_the_page_takes_video_files_only(tmp_path):
     with pytest.raises(EymError, match="is not a video file"):
         check_upload(tmp_path / "frames", config, ProbeLimits())
     with pytest.raises(EymError, match="is not a video file"):
-        app.load_source(tmp_path / "frames", config, ProbeLimits())
+        load_source(tmp_path / "frames", config, ProbeLimits())
     with pytest.raises(EymError, match="is not a video file"):  # the reference upload: the same probe
-        app.load_motion(app.MOTION_REFERENCE, str(tmp_path / "frames"), None, synthetic_clip(4, 64), config,
-                        ProbeLimits(), retarget=True)
+        resolve_motion(synthetic_clip(4, 64), reference=str(tmp_path / "frames"), config=config, retarget=True,
+                       limits=ProbeLimits())

@@ -361,17 +361,20 @@ def _person(num: int) -> np.ndarray:
 def test_preview_shows_the_skeletons_that_drive_the_edit(tuned_editor, preset):
     """The app's preview skeletons == the ControlNet input of the editing branch; a preset is
     fitted to the source once (a second retarget would move its joints)."""
-    import app
+    from eym.motion import resolve_motion
     from eym.pose import draw_skeletons
     from eym.preprocess import PreprocessConfig
     from eym.presets import preset_motion
+    from eym.request import MOTION_PRESET, PreviewRequest
 
     editor, _, _ = tuned_editor
     source = skeleton_clip(10, keypoints=_person(F), content_hash=f"person-{preset}")
     tuned = editor.tune(source, PROMPTS, TuneConfig(steps1=1, steps2=1, checkpoint_every=0))
     config = PreprocessConfig(num_frames=F, size=SIZE)
-    shown = app.preview_motion(app.MOTION_PRESET, None, preset, source, config, None, retarget=True)
-    motion = app.load_motion(app.MOTION_PRESET, None, preset, source, config, None, retarget=True)
+    # the preview (eym.request.preview) and the edit (serve_edit) both call resolve_motion(**req.motion())
+    req = PreviewRequest(mode=MOTION_PRESET, preset=preset, num_frames=F, size=SIZE, retarget=True)
+    shown = resolve_motion(source, **req.motion(), config=config, retarget=req.retarget).skeletons
+    motion = resolve_motion(source, **req.motion(), config=config, retarget=True)
     reference = motion.reference
     assert np.array_equal(motion.skeletons, shown) and motion.label == f"preset:{preset}"
     assert np.array_equal(shown, draw_skeletons(preset_motion(preset, F, source.keypoints), SIZE, SIZE))

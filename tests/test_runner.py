@@ -82,6 +82,26 @@ def test_editors_sharing_a_model_are_refused():
         JobRunner([a, twin])
 
 
+def test_concurrency_needs_as_many_copies_and_a_factory_serves_one():
+    with pytest.raises(EymError, match="--concurrency 2 needs 2 model copies, got 1"):
+        JobRunner([Model()], concurrency=2)
+    assert JobRunner([Model(), Model()], concurrency=2).workers == 2
+    lazy = JobRunner(lambda: Model(), concurrency=1)  # a factory (a class has an `edit` attribute)
+    assert lazy.lazy and lazy.editors() == [] and not JobRunner([Model()]).lazy
+    with pytest.raises(EymError, match="lazily loaded model serves one job"):
+        JobRunner(lambda: Model(), concurrency=2)
+
+
+def test_describe_editor_names_the_models_of_real_and_stand_in_editors(tiny_components):
+    from eym.runner import describe_editor
+
+    line, tiny = describe_editor(types.SimpleNamespace(components=tiny_components))
+    assert tiny and "tiny random-weight" in line
+    stand_in = types.SimpleNamespace(components=types.SimpleNamespace(model_id="m", controlnet_id="c", is_tiny=False))
+    assert describe_editor(stand_in) == ("m + ControlNet c", False)
+    assert describe_editor(object()) == ("unknown model", False)
+
+
 def test_per_client_share_and_queue_size():
     runner = JobRunner([Model()], RunnerLimits(max_per_client=2, max_waiting=3))
     first, second = runner.ticket("1.2.3.4"), runner.ticket("1.2.3.4")

@@ -194,6 +194,92 @@ def test_disk_cap_counts_gradio_upload_copies(tmp_path, monkeypatch):
     monkeypatch.setenv("EYM_HOME", str(tmp_path / "home"))  # never the session's caches
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
     monkeypatch.setenv("EYM_DISK_CAP_GB", str(1_000_000 / 2**30))
-    app.enforce_disk_cap(outputs)
+    from eym.jobs import enforce_disk_cap
+
+    enforce_disk_cap(*app.disk_roots(outputs))  # what the preview and the edit apply
     left = sorted(p.name for p in uploads.iterdir() if not p.name.startswith("."))
     assert left == ["hash2", "hash3", "hash4"], left  # the two oldest went, down to 0.9 MB
+
+
+def _counting_worker(monkeypatch) -> list:
+    """Count the probe processes started (each a separate, limited Python process)."""
+    import eym.probe as probe_module
+
+    runs = []
+    real = probe_module._run_worker
+
+    def counted(path, kind, limits):
+        runs.append((Path(path).name, limits.max_bytes))
+        return real(path, kind, limits)
+
+    monkeypatch.setattr(probe_module, "_run_worker", counted)
+    monkeypatch.setattr(probe_module, "_PROBED", {})
+    return runs
+
+
+def test_an_upload_is_probed_once_until_it_changes(tmp_path, monkeypatch):
+    from eym.preprocess import PreprocessConfig
+    from eym.probe import ProbeLimits, check_upload
+    from eym.video import write_mp4
+
+    runs = _counting_worker(monkeypatch)
+    video = write_mp4(np.full((8, 64, 64, 3), 128, np.uint8), tmp_path / "clip.mp4", 8.0)
+    limits = ProbeLimits(max_bytes=2**20)
+    for frames in (4, 8, 4):  # preview events: other settings, the same upload
+        check_upload(video, PreprocessConfig(num_frames=frames, size=64), limits)
+    assert runs == [("clip.mp4", 2**20)]
+    with pytest.raises(EymError, match="has 8 frame"):  # the frame count is checked on the kept result too
+        check_upload(video, PreprocessConfig(num_frames=9, size=64), limits)
+    check_upload(video, PreprocessConfig(num_frames=4, size=64), ProbeLimits(max_bytes=2**21))  # other limits
+    assert len(runs) == 2
+    write_mp4(np.full((6, 64, 64, 3), 90, np.uint8), video, 8.0)  # a new file at the same path
+    with pytest.raises(EymError, match="has 6 frame"):
+        check_upload(video, PreprocessConfig(num_frames=8, size=64), limits)
+    assert len(runs) == 3
+    bad = tmp_path / "notes.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)  # passes the sniff, fails in the worker
+    for _ in range(2):  # a refusal is not kept: the next try probes again
+        with pytest.raises(EymError):
+            check_upload(bad, PreprocessConfig(num_frames=4, size=64), limits)
+    assert len(runs) == 5
+
+
+def test_preprocess_probes_with_the_limits_it_is_given(tmp_path, monkeypatch):
+    """The page's upload limits reach preprocessing, so it reuses the page's probe instead of a second one."""
+    import eym.preprocess as pre
+    from eym.probe import ProbeLimits
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def probe(path, *, limits, min_frames=1):
+        seen.append(limits)
+        raise Stop
+
+    monkeypatch.setattr(pre, "probe", probe)
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    upload = ProbeLimits(max_bytes=5 * 2**20)
+    for given in (upload, None):
+        with pytest.raises(Stop):
+            pre.preprocess(tmp_path / "clip.mp4", pre.PreprocessConfig(num_frames=4, size=64), probe_limits=given,
+                           cache_dir=tmp_path / "cache")
+    assert seen[0] is upload and seen[1].max_bytes == pre._MAX_INPUT_BYTES
+
+
+@pytest.mark.media
+def test_previews_of_one_upload_start_one_probe(media, tmp_path, monkeypatch):
+    """Preview events (frames, stride, motion changed) reuse the upload's probe; the edit would too."""
+    from eym.request import MOTION_PRESET, PreviewRequest, preview, upload_limits
+
+    runs = _counting_worker(monkeypatch)
+    source = tmp_path / "upload.mp4"
+    shutil.copyfile(media / "taichi_hd/taichi_copart00.mp4", source)
+    limits = upload_limits(20)
+    for frames, preset in ((4, None), (4, "wave"), (5, "wave")):
+        shown = preview(PreviewRequest(source=str(source), mode=MOTION_PRESET, preset=preset, num_frames=frames,
+                                       size=64), limits)
+        assert shown.frames.ndim == 3 and (shown.motion is None) == (preset is None)
+        assert f"{frames} frames" in shown.info
+    assert runs == [("upload.mp4", 20 * 2**20)], runs

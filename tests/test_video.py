@@ -102,6 +102,24 @@ def test_side_by_side_concatenates_widths():
 # ---------------------------------------------------------------------------------------------
 # Frame folders
 # ---------------------------------------------------------------------------------------------
+def test_thumbnail_strip_wraps_and_keeps_aspect_and_mask_overlay_dims_the_background():
+    from eym.video import mask_overlay, thumbnail_strip
+
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 48, 3), dtype=np.uint8)
+    out = thumbnail_strip(frames, height=16, per_row=4)  # the app's preview
+    assert out.shape == (3 * 20 - 4, 4 * 28 - 4, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:16, :24], cv2.resize(frames[0], (24, 16), interpolation=cv2.INTER_AREA))
+    assert (out[16:20] == 255).all() and (out[40:, 56:] == 255).all()  # gaps, and the last row's empty tiles
+    # tiles of different shapes keep their own aspect (the gallery's source | reference thumbnail)
+    pair = thumbnail_strip([frames[0], frames[1, :, :16]], height=64)
+    assert pair.shape == (64, 96 + 4 + 32, 3) and (pair[:, 96:100] == 255).all()
+    masks = np.zeros((10, 32, 48), bool)
+    masks[:, 8:24, 8:24] = True
+    over = mask_overlay(frames, masks)
+    assert np.array_equal(over[masks], frames[masks])
+    assert (over[~masks].astype(int) <= frames[~masks].astype(int) * 0.25 + 71).all()
+
+
 def test_contact_sheet_layout():
     F, H = 3, 20
     rows = {name: np.full((F, H, H, 3), value, np.uint8) for name, value in
