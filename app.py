@@ -49,7 +49,7 @@ DEFAULT_GALLERY = HERE / "examples"
 
 def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
     """P_c, P_s, P_t from the subject and the two motions; non-empty explicit prompts win."""
-    return rq.compose_prompts(subject, source_motion, target_motion, p_c, p_s, p_t)
+    return rq.compose_prompts(subject, source_motion, target_motion, content=p_c, source=p_s, target=p_t)
 
 
 def gradio_upload_dir() -> Path:

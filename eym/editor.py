@@ -41,8 +41,8 @@ from eym.injection import InjectionSchedule, injection_preset
 from eym.motion import Motion, motion_skeletons, resolve_motion
 from eym.preprocess import Clip, PreprocessConfig
 from eym.progress import ProgressCallback
-from eym.prompts import (  # derive_prompts: app.py imports it from here
-    PromptEmbeds, Prompts, check_prompt_filled, check_prompt_lengths, derive_prompts, encode_prompt_embeds,
+from eym.prompts import (
+    PromptEmbeds, Prompts, check_prompt_filled, check_prompt_lengths, encode_prompt_embeds,
     encode_prompts,
 )
 from eym.tuned import TUNED_KIND, TUNING_VERSION, TunedStore, TunedWeights, find_tuned, open_tuned, save_tuned, tuning_key

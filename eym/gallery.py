@@ -255,7 +255,7 @@ def _check_entry(raw: Any, index: int, root: Path, manifest: Path, presets: set[
         if presets is not None and preset not in presets:
             raise EymError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(sorted(presets))}")
 
-    # The app composes P_c/P_s/P_t from the parts (eym.editor.derive_prompts); an entry needs
+    # The app composes P_c/P_s/P_t from the parts (eym.prompts.compose_prompts); an entry needs
     # enough of either form to produce a content and a target prompt.
     if not (raw.get("subject") or raw.get("content_prompt")):
         raise EymError(f"{where}: give 'subject' (or an explicit 'content_prompt')")

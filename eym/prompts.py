@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the grammar imports no torch: the app's page loads it without the model stack
+    import torch
 
 from eym.errors import EymError
 
@@ -238,6 +240,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
             raise EymError(f"a prompt is {length} tokens long, more than the text encoder's {limit}; shorten it: {prompt!r}")
     ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     device = next(text_encoder.parameters()).device
+    import torch
+
     with torch.no_grad():
         return text_encoder(ids.to(device))[0]  # (N, 77, D) last hidden state, as SD 1.5 uses
 

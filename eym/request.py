@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from eym.errors import EymError
+from eym.prompts import compose_prompts  # noqa: F401  the request's prompts (the app and the CLI share it)
 
 MOTION_REFERENCE = "Reference video"  # the motion comes from a reference video
 MOTION_PRESET = "Preset motion"  # the motion is a built-in preset, fitted to the source person
@@ -94,26 +95,6 @@ def edit_config(preprocess_config, *, seed: Any, stage1_steps: Any, stage2_steps
     }, where="settings")
 
 
-def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
-    """P_c, P_s, P_t from the subject and the two motions; non-empty explicit prompts win."""
-    from eym.editor import derive_prompts
-    from eym.validate import check_prompt
-
-    subject = check_prompt(subject, what="subject description")
-    source_motion = check_prompt(source_motion, what="source motion")
-    target_motion = check_prompt(target_motion, what="target motion")
-    p_c = check_prompt(p_c, what="content prompt P_c")
-    p_s = check_prompt(p_s, what="source prompt P_s")
-    p_t = check_prompt(p_t, what="target prompt P_t")
-    if not (subject or p_c or p_s):
-        raise EymError("the subject description is empty: describe the person, e.g. 'A man in a white tai chi suit'")
-    prompts = derive_prompts(subject or None, source_motion or None, target_motion or None,
-                             content=p_c or None, source=p_s or None, target=p_t or None)
-    if not prompts.target:
-        raise EymError("the target motion is empty: say what the person should do, e.g. 'raising both arms'")
-    return prompts
-
-
 # ---------------------------------------------------------------------------------------------
 # The requests
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +149,7 @@ class EditRequest(PreviewRequest):
     inject_end: Any = None  # until this step; empty: the last
 
     def prompts(self):
-        return compose_prompts(self.subject, self.source_motion, self.target_motion, self.p_c, self.p_s, self.p_t)
+        return compose_prompts(self.subject, self.source_motion, self.target_motion, content=self.p_c, source=self.p_s, target=self.p_t)
 
     def settings(self, preprocess=None):
         """The ``EditConfig`` (frames from :meth:`preprocess_config` unless given)."""
