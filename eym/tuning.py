@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, stable_hash
+from eym.compile import compiled_regions
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ranges
@@ -73,6 +74,7 @@ class TuneConfig:
     mixed_precision: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none on CPU) | "no" | "fp16" | "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, ~2 s); 0 turns them off
+    compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -94,7 +96,7 @@ class TuneConfig:
     def result_key(self) -> dict:
         """The settings that change the tuned tensors (cache key); bookkeeping ones are left out."""
         settings = to_dict(self)
-        for name in ("checkpoint_every", "gradient_checkpointing"):  # same result either way
+        for name in ("checkpoint_every", "gradient_checkpointing", "compile"):  # same result either way (to rounding)
             settings.pop(name)
         return settings
 
@@ -357,6 +359,8 @@ def train_stage(
             p.requires_grad_(True)
         if device.type == "cuda" and resolve_mixed_precision(config.mixed_precision, device) != "no":
             stack.enter_context(float32_norms(unet, controlnet))  # the frozen ones; exact under CUDA autocast
+        # stage 1 skips the zero, frozen temporal attention: there is nothing to compile then
+        stack.enter_context(compiled_regions(unet, enabled=config.compile and stage == 2))
         logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
         optimizer = _adamw(list(params.values()), config)
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
