@@ -78,8 +78,16 @@ def compiled_regions(
         How many modules run compiled.
     """
     modules = _regions(model) if enabled else []
+    stack = contextlib.ExitStack()
     if modules:
         use_persistent_compile_cache()
+        import torch._dynamo
+
+        # All compiled modules share one code object (nn.Module's call), whose cache holds one
+        # entry per token shape and frame count; dynamo's default of 8 would send a process
+        # that tunes 8- and then 24-frame jobs, or a bigger model, back to eager without a word.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        stack.enter_context(torch._dynamo.config.patch(**{limit: max(64, getattr(torch._dynamo.config, limit))}))
     try:
         for module in modules:
             # static shapes: one graph per token shape, none of dynamo's "automatic dynamic"
@@ -91,3 +99,4 @@ def compiled_regions(
             # nn.Module.compile keeps its compiled wrapper here; dropping it restores eager calls.
             # The compiled code stays in dynamo's cache, so the next job with these shapes reuses it.
             module._compiled_call_impl = None
+        stack.close()
