@@ -430,6 +430,53 @@ def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, p
     return rows
 
 
+COUNTED_OPS = ("aten::copy_", "aten::_to_copy", "aten::item")
+
+
+def op_counts(comps, F_: int, size: int) -> dict:
+    """Ops per stage-2 step of eym's loop as it was and as it is, and of the bare plain step
+    (torch.profiler, CPU-side events: the difference of a 2- and a 4-step run, per step)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    init_temporal_attention(comps.unet, 0)
+    start = {n: p.detach().clone() for n, p in temporal_parameters(comps.unet).items()}
+    data = bench_data(comps, F_, size)
+
+    def count(run, steps: int) -> collections.Counter:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(steps)
+        return collections.Counter(e.name for e in prof.events())
+
+    def per_step(run) -> dict:
+        run(1)  # warm
+        a, b = count(run, 2), count(run, 4)
+        per = {k: (b[k] - a[k]) / 2 for k in b}
+        return {"all": sum(per.values()), **{k: per.get(k, 0.0) for k in COUNTED_OPS}}
+
+    def eym(lean: bool, fused: bool):
+        def run(steps: int) -> None:
+            _assign(comps.unet, start)
+            cfg = TuneConfig(steps1=0, steps2=steps, checkpoint_every=0, gradient_checkpointing=False)
+            with code_as(lean=lean, fused=fused):
+                train_stage(2, comps.unet, comps.controlnet, comps.scheduler, data, cfg, disable=True)
+        return run
+
+    out = {"eym stage 2 (today)": per_step(eym(False, False)), "eym stage 2 lean + fused": per_step(eym(True, True))}
+    plain = _plain_unet(comps)
+    step = BareStep(plain, comps.controlnet, comps.scheduler, [p for n, p in plain.named_parameters() if ".attn1." in n],
+                    F_, size, space_time=False)
+    try:
+        out["plain"] = per_step(lambda steps: [step() for _ in range(steps)])
+    finally:
+        step.close()
+    _assign(comps.unet, start)
+    for name, r in out.items():
+        print(f"  F={F_} ops per step, {name}: {json.dumps(r)}", flush=True)
+    return out
+
+
 def build_components(toy: bool):
     """The SD-1.5-sized replica on the GPU (bf16), or with ``toy`` the tiny bundle on the CPU (fp32)."""
     if toy:
@@ -576,6 +623,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["all", "speedups"], default="all", help="speedups: only the stage-2 speed-up rows and plain")
     p.add_argument("--toy", action="store_true", help="CPU, tiny model, 64 px, 4 frames, 2 steps, aot_eager compile: a smoke test")
     p.add_argument("--no-probe", action="store_true", help="skip the second-process warm-cache compile probe")
+    p.add_argument("--op-counts", action="store_true", help="ops per stage-2 step (profiler), today vs now vs plain")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)  # the second process itself
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -588,7 +636,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         if "--frames" not in (argv if argv is not None else sys.argv):
             args.frames = [4]
-        args.size, args.steps, args.warmup, args.only = 64, 2, 1, "speedups"
+        args.size, args.steps, args.warmup, args.only, args.op_counts = 64, 2, 1, "speedups", True
     if args.compile_probe:
         row = compile_probe(args)
         args.json.write_text(json.dumps(row))
@@ -618,6 +666,8 @@ def main(argv=None) -> int:
             continue
         row = result["rows"].setdefault(F_, {})
         row["speedups"] = speedups(comps, F_, args.size, args.warmup, args.steps, toy=args.toy, probe=not args.no_probe)
+        if args.op_counts:
+            row["op_counts"] = op_counts(comps, F_, args.size)
         save()
         if args.only == "speedups":
             continue

@@ -36,3 +36,8 @@ def test_step_cost_toy_runs_every_speedup_row_with_its_check(tmp_path):
     assert "error" not in probe, probe
     assert probe["first_step_s"] > 0
     assert "| + regional compile |" in done.stdout  # the summary table
+    counts = result["rows"]["4"]["op_counts"]
+    assert set(counts) == {"eym stage 2 (today)", "eym stage 2 lean + fused", "plain"}
+    # the lean loop and the fused temporal attention launch fewer ops than before
+    assert counts["eym stage 2 lean + fused"]["all"] < counts["eym stage 2 (today)"]["all"]
+    assert counts["eym stage 2 lean + fused"]["aten::copy_"] < counts["eym stage 2 (today)"]["aten::copy_"]
