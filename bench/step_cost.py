@@ -520,7 +520,8 @@ def temporal_variants(module: TemporalAttention):
 
         return run
 
-    variants = {"current (SDPA auto)": current, "einsum softmax": einsum}
+    variants = {"current (SDPA auto)": current, "before: diffusers Attention": lambda x, Fr: reference_temporal_forward(module, x, Fr),
+                "einsum softmax": einsum}
     if _cuda():
         from torch.nn.attention import SDPBackend
 
