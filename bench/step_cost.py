@@ -16,11 +16,19 @@ autocast, the same optimizer, clip norm and gradient checkpointing setting for e
     options (channels_last, cuDNN benchmark);
   * the temporal attention alone, forward + backward, at SD's four token counts, as written
     now and in alternative formulations;
+  * the speed-ups of stage 2, each against eym's stage 2 as it was, in the same run and at the
+    same settings (``speedups``): ``eym stage 2 (today)`` (foreach AdamW, norms cast by autocast
+    every call, the unfused temporal attention), ``lean loop`` (fused AdamW, frozen norms held
+    in float32), ``+ fused temporal attention``, ``+ regional compile`` (first step with its
+    compile time, steady s/step, and a second process's first step on the warm inductor cache),
+    and ``plain``; each row with its loss and update difference from the first;
   * optionally whole edits with the defaults of ``eym edit`` (``--full-edit 8 24``).
 
 Usage (a CUDA machine; a CPU run is a smoke test of the script only):
     python bench/step_cost.py --frames 8 24 --json out.json
+    python bench/step_cost.py --frames 8 24 --only speedups --json out.json   # the speed-up rows alone
     python bench/step_cost.py --frames 24 --memcap-gb 24 --memory-only     # a 24 GB card
+    python bench/step_cost.py --toy --json out.json    # CPU, tiny model, seconds: tests the script
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +50,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from optional import stub_if_missing  # noqa: E402
+
+stub_if_missing("cv2")  # a GPU box without OpenCV: eym.editor imports it, the benches never use it
 
 from gpu_bench import PROMPTS, PhaseTimer, full_edit, median_after_warmup, synthetic_clip  # noqa: E402
 from replica import build_sd15_replica  # noqa: E402
@@ -109,7 +122,7 @@ class BareStep:
         self.unet, self.controlnet, self.scheduler = unet, controlnet, scheduler
         self.F, self.space_time, self.dev = num_frames, space_time, dev
         self.z0 = torch.randn(1, 4, num_frames, h, h, device=dev, generator=gen).to(dtype)
-        self.emb = torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype)
+        self.emb = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, generator=gen).to(dtype)
         self.cond = torch.rand(num_frames, 3, size, size, device=dev, generator=gen).to(dtype)
         self.params = trainables
         for p in trainables:
@@ -253,18 +266,23 @@ def decomposition(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
     return {name: {"s_per_step": s, "peak_gb": gb} for name, (s, gb) in rows.items()}
 
 
-def eym_loop(comps, F_: int, size: int, warmup: int, steps: int, *, skip: bool) -> dict:
-    """eym's own train_stage, stage 1 and 2, at the bare step's settings (no checkpoints)."""
+def bench_data(comps, F_: int, size: int, seed: int = 1) -> TuningData:
+    """Random tuning data of the right shapes on the model's device (timings do not depend on values)."""
     dev, dtype = comps.device, comps.dtype
-    h = size // 8
-    gen = torch.Generator(dev).manual_seed(1)
-    data = TuningData(
+    h, D = size // 8, comps.unet.config.cross_attention_dim
+    gen = torch.Generator(dev).manual_seed(seed)
+    return TuningData(
         latents=torch.randn(1, 4, F_, h, h, device=dev, generator=gen).to(dtype),
         masked_latents=torch.randn(1, 4, F_, h, h, device=dev, generator=gen).to(dtype),
         control_images=torch.rand(F_, 3, size, size, device=dev, generator=gen).to(dtype),
-        content_embeds=torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype),
-        source_embeds=torch.randn(1, 77, 768, device=dev, generator=gen).to(dtype),
+        content_embeds=torch.randn(1, 77, D, device=dev, generator=gen).to(dtype),
+        source_embeds=torch.randn(1, 77, D, device=dev, generator=gen).to(dtype),
     )
+
+
+def eym_loop(comps, F_: int, size: int, warmup: int, steps: int, *, skip: bool) -> dict:
+    """eym's own train_stage, stage 1 and 2, at the bare step's settings (no checkpoints)."""
+    data = bench_data(comps, F_, size)
     cfg = TuneConfig(steps1=warmup + steps, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False)
     init_temporal_attention(comps.unet, cfg.seed)  # as tune_dpl: stage 1 sees a zero temporal attention
     out = {}
@@ -279,6 +297,197 @@ def eym_loop(comps, F_: int, size: int, warmup: int, steps: int, *, skip: bool) 
         out[name] = {"s_per_step": per_step, "peak_gb": timer.peak_gb[name]}
         print(f"  F={F_} eym loop {name} (skip={skip}): {per_step:.4f} s/step, peak {timer.peak_gb[name]:.1f} GB", flush=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2 speed-ups, each checked against eym's stage 2 as it was
+# ---------------------------------------------------------------------------------------------
+def reference_temporal_forward(self: TemporalAttention, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """TemporalAttention.forward before the fused form: permute, LayerNorm, diffusers' Attention, permute."""
+    BF, N, C = x.shape
+    B = BF // num_frames
+    y = x.view(B, num_frames, N, C).permute(0, 2, 1, 3).reshape(B * N, num_frames, C)  # (B*N, F, C)
+    y = self.attn(self.norm(y))
+    return y.view(B, N, num_frames, C).permute(0, 2, 1, 3).reshape(BF, N, C)
+
+
+@contextlib.contextmanager
+def code_as(*, lean: bool, fused: bool):
+    """Run eym's loop with the lean-loop pieces and/or the fused temporal attention switched off."""
+    import eym.tuning as tuning
+
+    saved = tuning._adamw, tuning.float32_norms, TemporalAttention.forward
+    try:
+        if not lean:  # foreach AdamW, frozen norms left to autocast's per-call casts
+            tuning._adamw = lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            tuning.float32_norms = lambda *models: contextlib.nullcontext()
+        if not fused:
+            TemporalAttention.forward = reference_temporal_forward
+        yield
+    finally:
+        tuning._adamw, tuning.float32_norms, TemporalAttention.forward = saved
+
+
+SPEEDUP_ROWS = (  # name, lean loop, fused temporal attention, regional compile
+    ("eym stage 2 (today)", False, False, False),
+    ("eym stage 2 lean loop", True, False, False),
+    ("+ fused temporal attention", True, True, False),
+    ("+ regional compile", True, True, True),
+)
+
+
+def stage2_row(comps, data: TuningData, start: dict, warmup: int, steps: int, *, lean: bool, fused: bool, compile_: bool) -> dict:
+    """eym's stage 2 from the same start, timed: s/step after warm-up, the first step, losses, the update."""
+    _assign(comps.unet, start)
+    cfg = TuneConfig(steps1=0, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False, compile=compile_)
+    losses: list[float] = []
+    timer = PhaseTimer()
+    timer.begin()
+    with code_as(lean=lean, fused=fused):
+        out = train_stage(2, comps.unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
+                          log_fn=lambda r: losses.append(r["loss"]), disable=True)
+    timer.end()
+    ts = timer.steps["stage2"]
+    timed = ts[warmup:] or ts
+    return {
+        "s_per_step": max(statistics.median(timed), sum(timed) / len(timed)),
+        "first_step_s": ts[0],
+        "peak_gb": timer.peak_gb["stage2"],
+        "losses": losses,
+        "update": {n: (v.float() - start[n].float().cpu()) for n, v in out.items()},
+    }
+
+
+def _checked(row: dict, ref: dict | None) -> dict:
+    """The row for JSON, with its difference from the reference row (same seed, same start)."""
+    update = row.pop("update")
+    if ref is None:
+        row["vs_first_row"] = {"max_loss_rel_diff": 0.0, "update_rel_diff": 0.0}
+        return update
+    diff = sum((update[n] - ref[n]).square().sum() for n in ref).sqrt()
+    norm = sum(ref[n].square().sum() for n in ref).sqrt().clamp_min(1e-30)
+    row["vs_first_row"] = {
+        "max_loss_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], row["ref_losses"])),
+        "update_rel_diff": float(diff / norm),  # ||dW - dW_ref|| / ||dW_ref|| over stage 2's tensors
+    }
+    return update
+
+
+def compile_probe(args) -> dict:
+    """In a fresh process: the compiled stage 2's first step on the inductor cache the parent left warm."""
+    comps = build_components(args.toy)
+    F_ = args.frames[0]
+    init_temporal_attention(comps.unet, 0)
+    start = {n: p.detach().clone() for n, p in temporal_parameters(comps.unet).items()}
+    row = stage2_row(comps, bench_data(comps, F_, args.size), start, 1, 1, lean=True, fused=True, compile_=True)
+    return {"first_step_s": row["first_step_s"], "s_per_step": row["s_per_step"]}
+
+
+def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, probe: bool = True) -> dict:
+    """The stage-2 speed-up rows and ``plain`` at one frame count, one run, identical settings."""
+    unet = comps.unet
+    init_temporal_attention(unet, 0)  # stage 2 starts with the output projection at zero
+    start = {n: p.detach().clone() for n, p in temporal_parameters(unet).items()}
+    data = bench_data(comps, F_, size)
+    rows: dict[str, dict] = {}
+    ref_update, ref_losses = None, None
+    for name, lean, fused, compile_ in SPEEDUP_ROWS:
+        row = stage2_row(comps, data, start, warmup, steps, lean=lean, fused=fused, compile_=compile_)
+        row["ref_losses"] = ref_losses or row["losses"]
+        update = _checked(row, ref_update)
+        if ref_update is None:
+            ref_update, ref_losses = update, row["losses"]
+        del row["ref_losses"]
+        if compile_:
+            row["compile_s"] = row["first_step_s"] - row["s_per_step"]  # first step incl. tracing + codegen
+        rows[name] = row
+        print(f"  F={F_} {name}: {row['s_per_step']:.4f} s/step (first {row['first_step_s']:.2f} s), "
+              f"vs first row {json.dumps(row['vs_first_row'])}", flush=True)
+    _assign(unet, start)
+    if probe:  # a second process on the warm cache: what a restarted Space pays
+        out = Path(tempfile.mkdtemp(prefix="eym-probe-")) / "probe.json"
+        cmd = [sys.executable, __file__, "--compile-probe", "--frames", str(F_), "--size", str(size), "--json", str(out)]
+        cmd += ["--toy"] if toy else []
+        start_s = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        probe_row = json.loads(out.read_text()) if done.returncode == 0 else {"error": done.stderr[-600:]}
+        probe_row["process_wall_s"] = time.perf_counter() - start_s
+        rows["+ regional compile"]["warm_cache_second_process"] = probe_row
+        print(f"  F={F_} compile probe (second process, warm cache): {json.dumps(probe_row)[:300]}", flush=True)
+    plain = _plain_unet(comps)
+    step = BareStep(plain, comps.controlnet, comps.scheduler, [p for n, p in plain.named_parameters() if ".attn1." in n],
+                    F_, size, space_time=False)
+    try:
+        plain.train()
+        s_step, peak = timed_steps(step, warmup, steps)
+    finally:
+        step.close()
+        del plain
+    rows["plain"] = {"s_per_step": s_step, "peak_gb": peak}
+    for name in rows:
+        rows[name]["vs_plain"] = rows[name]["s_per_step"] / s_step
+    print(f"  F={F_} plain: {s_step:.4f} s/step", flush=True)
+    return rows
+
+
+COUNTED_OPS = ("aten::copy_", "aten::_to_copy", "aten::item")
+
+
+def op_counts(comps, F_: int, size: int) -> dict:
+    """Ops per stage-2 step of eym's loop as it was and as it is, and of the bare plain step
+    (torch.profiler, CPU-side events: the difference of a 2- and a 4-step run, per step)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    init_temporal_attention(comps.unet, 0)
+    start = {n: p.detach().clone() for n, p in temporal_parameters(comps.unet).items()}
+    data = bench_data(comps, F_, size)
+
+    def count(run, steps: int) -> collections.Counter:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(steps)
+        return collections.Counter(e.name for e in prof.events())
+
+    def per_step(run) -> dict:
+        run(1)  # warm
+        a, b = count(run, 2), count(run, 4)
+        per = {k: (b[k] - a[k]) / 2 for k in b}
+        return {"all": sum(per.values()), **{k: per.get(k, 0.0) for k in COUNTED_OPS}}
+
+    def eym(lean: bool, fused: bool):
+        def run(steps: int) -> None:
+            _assign(comps.unet, start)
+            cfg = TuneConfig(steps1=0, steps2=steps, checkpoint_every=0, gradient_checkpointing=False)
+            with code_as(lean=lean, fused=fused):
+                train_stage(2, comps.unet, comps.controlnet, comps.scheduler, data, cfg, disable=True)
+        return run
+
+    out = {"eym stage 2 (today)": per_step(eym(False, False)), "eym stage 2 lean + fused": per_step(eym(True, True))}
+    plain = _plain_unet(comps)
+    step = BareStep(plain, comps.controlnet, comps.scheduler, [p for n, p in plain.named_parameters() if ".attn1." in n],
+                    F_, size, space_time=False)
+    try:
+        out["plain"] = per_step(lambda steps: [step() for _ in range(steps)])
+    finally:
+        step.close()
+    _assign(comps.unet, start)
+    for name, r in out.items():
+        print(f"  F={F_} ops per step, {name}: {json.dumps(r)}", flush=True)
+    return out
+
+
+def build_components(toy: bool):
+    """The SD-1.5-sized replica on the GPU (bf16), or with ``toy`` the tiny bundle on the CPU (fp32)."""
+    if toy:
+        from eym.models import build_tiny_bundle, load_components
+
+        comps = load_components(str(build_tiny_bundle(Path(tempfile.mkdtemp(prefix="eym-toy-")) / "bundle", seed=0)), device="cpu")
+    else:
+        device = "cuda" if _cuda() else "cpu"
+        comps = build_sd15_replica(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    inflate(comps.unet)
+    return comps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +520,8 @@ def temporal_variants(module: TemporalAttention):
 
         return run
 
-    variants = {"current (SDPA auto)": current, "einsum softmax": einsum}
+    variants = {"current (SDPA auto)": current, "before: diffusers Attention": lambda x, Fr: reference_temporal_forward(module, x, Fr),
+                "einsum softmax": einsum}
     if _cuda():
         from torch.nn.attention import SDPBackend
 
@@ -411,21 +621,39 @@ def main(argv=None) -> int:
     p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--skip-temporal-alone", action="store_true")
+    p.add_argument("--only", choices=["all", "speedups"], default="all", help="speedups: only the stage-2 speed-up rows and plain")
+    p.add_argument("--toy", action="store_true", help="CPU, tiny model, 64 px, 4 frames, 2 steps, aot_eager compile: a smoke test")
+    p.add_argument("--no-probe", action="store_true", help="skip the second-process warm-cache compile probe")
+    p.add_argument("--op-counts", action="store_true", help="ops per stage-2 step (profiler), today vs now vs plain")
+    p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)  # the second process itself
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     os.environ.setdefault("EYM_HOME", tempfile.mkdtemp(prefix="eym-bench-"))
-    device = "cuda" if _cuda() else "cpu"
+    if args.toy:  # inductor's C++ codegen takes minutes on a small CPU; aot_eager traces the same graphs
+        import eym.compile
+
+        eym.compile.BACKEND = "aot_eager"
+        torch.set_num_threads(1)
+        if "--frames" not in (argv if argv is not None else sys.argv):
+            args.frames = [4]
+        args.size, args.steps, args.warmup, args.only, args.op_counts = 64, 2, 1, "speedups", True
+    if args.compile_probe:
+        row = compile_probe(args)
+        args.json.write_text(json.dumps(row))
+        return 0
     if args.memcap_gb and _cuda():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memcap_gb * 2**30 / total))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if _cuda() and not args.toy else torch.float32
     t0 = time.perf_counter()
-    comps = build_sd15_replica(device, dtype)
-    inflate(comps.unet)
-    result = {"device": torch.cuda.get_device_name() if _cuda() else "cpu", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "size": args.size, "argv": sys.argv[1:], "build_s": time.perf_counter() - t0,
-              "memcap_gb": args.memcap_gb, "rows": {}}
+    comps = build_components(args.toy)
+    import eym.compile
+
+    result = {"device": torch.cuda.get_device_name() if _cuda() and not args.toy else "cpu", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "size": args.size, "argv": sys.argv[1:] if argv is None else argv,
+              "build_s": time.perf_counter() - t0, "memcap_gb": args.memcap_gb, "toy": args.toy,
+              "compile_backend": eym.compile.BACKEND, "rows": {}}
 
     def save():
         if args.json:
@@ -438,6 +666,12 @@ def main(argv=None) -> int:
             save()
             continue
         row = result["rows"].setdefault(F_, {})
+        row["speedups"] = speedups(comps, F_, args.size, args.warmup, args.steps, toy=args.toy, probe=not args.no_probe)
+        if args.op_counts:
+            row["op_counts"] = op_counts(comps, F_, args.size)
+        save()
+        if args.only == "speedups":
+            continue
         row["bare"] = decomposition(comps, F_, args.size, args.warmup, args.steps)
         save()
         row["eym"] = eym_loop(comps, F_, args.size, args.warmup, args.steps, skip=True)
@@ -465,6 +699,15 @@ def main(argv=None) -> int:
 def print_summary(result: dict) -> None:
     print(f"\n{result['device']} | torch {result['torch']} | {result['size']}px | {result['date']}")
     for F_, row in result["rows"].items():
+        if "speedups" in row:
+            print(f"\nF={F_} stage 2: | row | s/step | vs plain | first step s | loss rel diff | update rel diff |\n|---|---|---|---|---|---|")
+            for name, r in row["speedups"].items():
+                check = r.get("vs_first_row", {})
+                print(f"| {name} | {r['s_per_step']:.4f} | {r['vs_plain']:.3f} | {r.get('first_step_s', math.nan):.2f} | "
+                      f"{check.get('max_loss_rel_diff', math.nan):.2e} | {check.get('update_rel_diff', math.nan):.2e} |")
+            probe = row["speedups"]["+ regional compile"].get("warm_cache_second_process")
+            if probe:
+                print(f"regional compile, second process on the warm cache: first step {probe.get('first_step_s', math.nan):.2f} s")
         if "bare" not in row:
             continue
         bare = row["bare"]

@@ -308,12 +308,31 @@ class TemporalAttention(nn.Module):
         return self._zero
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Args: x ``(B*F, N, C)`` tokens; num_frames F. Returns the update, ``(B*F, N, C)``."""
+        """Args: x ``(B*F, N, C)`` tokens; num_frames F. Returns the update, ``(B*F, N, C)``.
+
+        Computes ``to_out(attention_over_F(norm(x)))`` as diffusers' ``Attention`` would on the
+        frame-major tokens, in fewer kernels (the module is launch-bound: F is 8-24 tokens):
+        LayerNorm works per token, so it runs before any permute; one matmul with the three
+        projections stacked makes q, k and v; the permutes into SDPA's ``(B*N, heads, F, d)``
+        are views of that one tensor; one copy brings the result back to frame-major order.
+        The weights stay in ``attn`` (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), so state-dict
+        keys are those of the diffusers module.
+        """
         BF, N, C = x.shape
-        B = BF // num_frames
-        y = x.view(B, num_frames, N, C).permute(0, 2, 1, 3).reshape(B * N, num_frames, C)  # (B*N, F, C)
-        y = self.attn(self.norm(y))
-        return y.view(B, N, num_frames, C).permute(0, 2, 1, 3).reshape(BF, N, C)  # (B*F, N, C)
+        Fr = num_frames
+        B = BF // Fr
+        attn = self.attn
+        heads = attn.heads
+        inner = attn.to_q.out_features
+        d = inner // heads
+        y = self.norm(x)  # (B*F, N, C), per token: commutes with the frame permute
+        w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])  # (3*inner, C), no biases
+        qkv = F.linear(y, w_qkv).view(B, Fr, N, 3, heads, d)
+        # (B, F, N, 3, heads, d) -> (3, B, N, heads, F, d): attention over the frame axis
+        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).reshape(3, B * N, heads, Fr, d).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (B*N, heads, F, d)
+        o = o.view(B, N, heads, Fr, d).permute(0, 3, 1, 2, 4).reshape(BF, N, inner)  # (B*F, N, inner)
+        return attn.to_out[0](o)  # to_out[1] is Dropout(p=0): the identity
 
 
 # The two hooks are module-level functions and find their block through a plain (unregistered)

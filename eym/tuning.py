@@ -30,6 +30,7 @@ resumes from there, and the result equals that of an uninterrupted run with the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -42,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, stable_hash
+from eym.compile import compiled_regions
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ranges
@@ -72,6 +74,7 @@ class TuneConfig:
     mixed_precision: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none on CPU) | "no" | "fp16" | "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, ~2 s); 0 turns them off
+    compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -93,7 +96,7 @@ class TuneConfig:
     def result_key(self) -> dict:
         """The settings that change the tuned tensors (cache key); bookkeeping ones are left out."""
         settings = to_dict(self)
-        for name in ("checkpoint_every", "gradient_checkpointing"):  # same result either way
+        for name in ("checkpoint_every", "gradient_checkpointing", "compile"):  # same result either way (to rounding)
             settings.pop(name)
         return settings
 
@@ -156,6 +159,7 @@ def noise_constraint_loss(eps_pred: torch.Tensor) -> torch.Tensor:
 
 def stage2_loss(eps_pred: torch.Tensor, noise: torch.Tensor, rec_weight: float) -> tuple[torch.Tensor, dict]:
     """L = (1 - lambda) L_noise + lambda L_rec (Eq. 15); also returns both parts for logging."""
+    eps_pred = eps_pred.float()  # cast once: both terms read it in float32
     rec = reconstruction_loss(eps_pred, noise)
     smooth = noise_constraint_loss(eps_pred)
     loss = (1.0 - rec_weight) * smooth + rec_weight * rec  # Eq. 15
@@ -348,12 +352,17 @@ def train_stage(
     controlnet.requires_grad_(False)
     params = trainable_parameters(unet, stage)
     bar = None
+    stack = contextlib.ExitStack()
     try:
         for p in params.values():
             p.data = p.data.float()
             p.requires_grad_(True)
+        if device.type == "cuda" and resolve_mixed_precision(config.mixed_precision, device) != "no":
+            stack.enter_context(float32_norms(unet, controlnet))  # the frozen ones; exact under CUDA autocast
+        # stage 1 skips the zero, frozen temporal attention: there is nothing to compile then
+        stack.enter_context(compiled_regions(unet, enabled=config.compile and stage == 2))
         logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
-        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = _adamw(list(params.values()), config)
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
         step = 0
         if resume is not None and resume["stage"] == stage and resume["step"] > 0:
@@ -374,7 +383,9 @@ def train_stage(
             nonlocal pending
             if pending is None:
                 return
-            record = {k: (v.item() if torch.is_tensor(v) else v) for k, v in pending.items()}
+            names = [k for k, v in pending.items() if torch.is_tensor(v)]
+            values = torch.stack([pending[k].float() for k in names]).tolist()  # one device read for all
+            record = {**pending, **dict(zip(names, values))}
             pending = None
             if not math.isfinite(record["loss"]):
                 raise EymError(f"{name} step {record['step']}: the loss is {record['loss']}; lower the learning rate (lr={config.lr})")
@@ -444,8 +455,47 @@ def train_stage(
         for p in params.values():
             p.grad = None
             p.requires_grad_(False)
-            p.data = p.data.to(base_dtype)
+            # a new storage even where the dtype is unchanged: the fused optimizer updates in
+            # place without bumping version counters, and TemporalAttention.is_zero caches on both
+            p.data = p.data.to(base_dtype, copy=True)
+        stack.close()
     return _snapshot(params)
+
+
+@contextlib.contextmanager
+def float32_norms(*models: torch.nn.Module):
+    """Hold the frozen GroupNorm/LayerNorm weights of ``models`` in float32 for the duration.
+
+    CUDA autocast runs group_norm and layer_norm in float32 and casts their half-precision
+    weights and biases up on every call (two copies per norm per forward; autocast caches only
+    casts of trainable leaves). The up-cast is exact, so storing them in float32 once gives the
+    same bits with none of those copies. (CPU autocast keeps these ops in bf16, where mixed
+    dtypes would change the rounding, so the loop uses this on CUDA only.) The original dtypes
+    come back in ``finally``.
+    """
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    saved: list[tuple[torch.nn.Parameter, torch.dtype]] = []
+    try:
+        for model in models:
+            for module in model.modules():
+                if not isinstance(module, norms):
+                    continue
+                for p in module.parameters(recurse=False):
+                    if not p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                        saved.append((p, p.dtype))
+                        p.data = p.data.float()
+        yield
+    finally:
+        for p, dtype in saved:
+            p.data = p.data.to(dtype)
+
+
+def _adamw(params: list[torch.nn.Parameter], config: TuneConfig) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel (one launch per step for all tensors) where the device has it."""
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device without the fused kernel
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def init_temporal_attention(unet, seed: int) -> None:

@@ -341,6 +341,53 @@ def test_temporal_attention_zero_check_follows_the_weights():
     assert not module.is_zero()
 
 
+def reference_temporal_attention(module, x, num_frames):
+    """The first formulation: frames to the sequence axis, then diffusers' ``Attention`` as it is."""
+    BF, N, C = x.shape
+    B = BF // num_frames
+    y = x.view(B, num_frames, N, C).permute(0, 2, 1, 3).reshape(B * N, num_frames, C)  # (B*N, F, C)
+    y = module.attn(module.norm(y))
+    return y.view(B, N, num_frames, C).permute(0, 2, 1, 3).reshape(BF, N, C)
+
+
+def _temporal_pass(fn, module, x, num_frames):
+    """Output and gradients (input and every parameter) of one pass through ``fn``."""
+    x = x.clone().requires_grad_(True)
+    y = fn(x, num_frames)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()  # sees every output
+    grads = {"x": x.grad, **{n: p.grad.clone() for n, p in module.named_parameters()}}
+    module.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("videos,num_frames,heads,dim_head", [(1, 8, 2, 8), (2, 3, 4, 5), (1, 1, 1, 16), (3, 24, 8, 4)])
+def test_fused_temporal_attention_equals_diffusers_attention(videos, num_frames, heads, dim_head):
+    gen = torch.Generator().manual_seed(num_frames)
+    C = heads * dim_head
+    module = TemporalAttention(C, heads, dim_head)
+    with torch.no_grad():
+        for p in module.parameters():  # every tensor non-trivial: a fresh module's output is zero
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    x = torch.randn(videos * num_frames, 7, C, generator=gen)
+    reference = lambda a, f: reference_temporal_attention(module, a, f)  # noqa: E731
+    fused, _ = _temporal_pass(module, module, x, num_frames)
+    ref, _ = _temporal_pass(reference, module, x, num_frames)
+    assert fused.shape == x.shape
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)  # float32
+    # gradients: the same function, so equal up to rounding; in float64, rounding is ~1e-15
+    module.double()
+    _, fused_grads = _temporal_pass(module, module, x.double(), num_frames)
+    _, ref_grads = _temporal_pass(reference, module, x.double(), num_frames)
+    assert fused_grads.keys() == ref_grads.keys() and len(fused_grads) == 1 + 7
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], atol=1e-10, rtol=1e-10, msg=name)
+    # the fused form reads the diffusers module's weights: the state-dict keys did not move
+    assert sorted(module.state_dict()) == [
+        "attn.to_k.weight", "attn.to_out.0.bias", "attn.to_out.0.weight", "attn.to_q.weight", "attn.to_v.weight",
+        "norm.bias", "norm.weight",
+    ]
+
+
 def test_processors_restored_after_exception(unet2d):
     unet = inflate(unet2d)
     before = {n: p for n, p in unet.attn_processors.items()}

@@ -267,3 +267,49 @@ def test_bit_flipped_checkpoint_is_detected_and_not_resumed(components, tmp_path
     assert read_checkpoint(path) is None
     again = tune_dpl(c.unet, c.controlnet, c.scheduler, data, config, checkpoint_dir=tmp_path, fingerprint="A", disable=True)
     assert again.resumed_from is None and len(again.history) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the lean loop: the per-step savings change no bit
+# ---------------------------------------------------------------------------------------------
+def test_float32_norms_holds_only_frozen_norms_and_restores_them(tiny_bundle):
+    from eym.models import load_components
+    from eym.spacetime import inflate
+    from eym.tuning import float32_norms
+
+    c = load_components(str(tiny_bundle), device="cpu", dtype=torch.bfloat16)
+    inflate(c.unet)
+    trained = c.unet.down_blocks[0].attentions[0].transformer_blocks[0].temporal_attn.norm.weight
+    trained.data = trained.data.float()
+    trained.requires_grad_(True)  # a stage's trainable: left alone
+    models = {"unet": c.unet, "controlnet": c.controlnet}
+    before = {f"{k}.{n}": (p.dtype, p.clone()) for k, m in models.items() for n, p in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), float32_norms(c.unet, c.controlnet):
+        held = {f"{k}.{n}": p.dtype for k, m in models.items() for n, p in m.named_parameters()}
+        x = torch.randn(2, 32, 8, 8).bfloat16()
+        norm = c.unet.down_blocks[0].resnets[0].norm1
+        # what CUDA autocast computes (inputs up-cast to float32) is the same with float32 weights
+        ref = torch.nn.functional.group_norm(x.float(), norm.num_groups, norm.weight.bfloat16().float(), norm.bias.bfloat16().float())
+        assert torch.equal(norm(x.float()), ref)
+        raise RuntimeError("boom")
+    changed = {n for n in before if held[n] != before[n][0]}
+    assert changed and all("norm" in n.rsplit(".", 2)[-2] for n in changed) and all(held[n] == torch.float32 for n in changed)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.temporal_attn.norm.weight" not in changed
+    assert any(n.startswith("controlnet.") for n in changed) and any(".resnets." in n for n in changed)
+    after = {f"{k}.{n}": p for k, m in models.items() for n, p in m.named_parameters()}
+    assert all(after[n].dtype == before[n][0] and torch.equal(after[n], before[n][1]) for n in before)  # put back, bit-equal
+
+
+def test_trained_temporal_attention_is_no_longer_skipped(components):
+    """After stage 2 the temporal attention is non-zero, and the zero-skip must see that (the
+    optimizer's in-place update must not leave a stale 'is zero' answer behind)."""
+    from eym.spacetime import TemporalAttention
+
+    c = components
+    init_temporal_attention(c.unet, 0)
+    modules = [m for m in c.unet.modules() if isinstance(m, TemporalAttention)]
+    with torch.no_grad():
+        assert all(m.is_zero() for m in modules)  # cached now, as stage 1 and inference leave it
+    train_stage(2, c.unet, c.controlnet, c.scheduler, random_data(), TuneConfig(steps2=1, lr=1e-3), disable=True)
+    with torch.no_grad():
+        assert not any(m.is_zero() for m in modules)
