@@ -290,7 +290,8 @@ def _add_edit_settings(p: argparse.ArgumentParser, title: str, *, inference: boo
                        "indices 0-15 (e.g. 7-15) | attn1 name patterns (up_blocks.3.*)")
         g.add_argument("--inject-start", metavar="STEP", help="first injecting denoising step: an index (4) or a fraction (0.1)")
         g.add_argument("--inject-end", metavar="STEP", help="injection stops before this step: an index (40) or a fraction (0.8)")
-        g.add_argument("--injection-weighting", choices=("paper", "balanced"), help="Eq. 18 literally (paper, default) or balanced")
+        g.add_argument("--injection-weighting", choices=("paper", "balanced", "source"),
+                       help="Eq. 18 literally (paper, default), balanced, or source (the edit reads the reconstruction's keys/values only)")
         g.add_argument("--no-retarget", action="store_true", help="use the reference skeletons as they are (no fitting to the source person)")
 
 

@@ -64,7 +64,7 @@ class InferConfig:
     ddim_steps: int = 50  # DDIM steps of inversion and of sampling
     guidance_scale: float = 1.0  # classifier-free guidance of the branches; 1.0 = none (the paper)
     injection: InjectionSchedule | str = InjectionSchedule()  # where the editing branch sees the reconstruction's K/V; a schedule or a preset name (eym.injection)
-    injection_weighting: str = "paper"  # "paper": Eq. 18 literally; "balanced": the two current-frame key blocks share one slot (edit = reconstruction when inputs match)
+    injection_weighting: str = "paper"  # "paper": Eq. 18 literally; "balanced": the two current-frame key blocks share one slot (edit = reconstruction when inputs match); "source": the edit attends to K_r, V_r only
     retarget: bool = True  # fit the reference skeletons to the source person's size and position
     controlnet_scale: float = 1.0  # strength of the ControlNet residuals
     decode_chunk: int = 8  # frames per VAE encode/decode call (memory)
@@ -77,8 +77,10 @@ class InferConfig:
             raise EymError(f"guidance_scale must be >= 1.0 (1.0 = no guidance), got {self.guidance_scale}")
         if isinstance(self.injection, str):  # a preset name; kept as its schedule so the settings record say what ran
             object.__setattr__(self, "injection", injection_preset(self.injection))
-        if self.injection_weighting not in ("paper", "balanced"):
-            raise EymError(f"injection_weighting {self.injection_weighting!r} is not 'paper' or 'balanced'")
+        from eym.spacetime import INJECTION_WEIGHTINGS
+
+        if self.injection_weighting not in INJECTION_WEIGHTINGS:
+            raise EymError(f"injection_weighting {self.injection_weighting!r} is not one of {', '.join(INJECTION_WEIGHTINGS)}")
         if self.decode_chunk < 1:
             raise EymError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
 

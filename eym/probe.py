@@ -162,7 +162,8 @@ def probe(path: str | os.PathLike, *, limits: ProbeLimits = ProbeLimits(), min_f
     return info
 
 
-# Results of the probe process for files that passed, by (path, inode, mtime, size, limits): an
+# Results of the probe process for files that passed, by (path, inode, mtime, size, limits, the
+# interpreter that runs the probe process): an
 # upload is probed once however many previews and edits use it. Bounded; a changed file has
 # another key. Folders are not cached (an image can change without the folder's mtime moving).
 _PROBED: dict[tuple, dict[str, Any]] = {}
@@ -173,7 +174,7 @@ def _probe_worker_cached(path: Path, kind: str, limits: ProbeLimits) -> dict[str
     if kind != "video":
         return _run_worker(path, kind, limits)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size, limits)
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size, limits, sys.executable)
     if key not in _PROBED:
         result = _run_worker(path, kind, limits)  # raises for a refused file: failures are not kept
         while len(_PROBED) >= _PROBED_MAX:

@@ -50,7 +50,8 @@ __all__ = [
     "temporal_state_dict",
 ]
 
-InjectionWeighting = Literal["paper", "balanced"]
+InjectionWeighting = Literal["paper", "balanced", "source"]
+INJECTION_WEIGHTINGS: tuple[str, ...] = ("paper", "balanced", "source")
 TEMPORAL_ATTR = "temporal_attn"  # attribute name on each BasicTransformerBlock -> state-dict keys
 
 
@@ -161,18 +162,22 @@ class RCAttnProcessor:
     one slot, a logit bias of -log 2 each, computed without a mask by duplicating the
     predecessor block, K = [k_prev, k_prev, k_e, k_r] (same softmax, keeps flash attention
     available); then the editing branch equals the reconstruction branch when their inputs
-    match. Which gives better edits is measured, not assumed (docs/METHOD.md).
+    match. ``weighting="source"``, another option, lets the editing branch's queries read the
+    reconstruction only, K_e = W_K [z^r_{i-1}, z^r_i], V_e likewise (mutual self-attention as in
+    MasaCtrl, in RC-Attn's form): appearance can come only from the source while the layout
+    follows the edit's own queries, and edit == reconstruction when the inputs match. Which gives better edits is measured, not
+    assumed (docs/QUALITY.md).
 
     No new parameters: the projections are attn1's (to_q, to_k, to_v, to_out).
 
     Args:
         inject: whether this layer takes part in injection (``inject_from`` is ignored if not).
-        weighting: ``"paper"`` or ``"balanced"``, see above.
+        weighting: ``"paper"``, ``"balanced"`` or ``"source"``, see above.
     """
 
     def __init__(self, inject: bool = True, weighting: InjectionWeighting = "paper") -> None:
-        if weighting not in ("paper", "balanced"):
-            raise ValueError(f"injection weighting {weighting!r} is not 'paper' or 'balanced'")
+        if weighting not in INJECTION_WEIGHTINGS:
+            raise ValueError(f"injection weighting {weighting!r} is not one of {', '.join(INJECTION_WEIGHTINGS)}")
         self.inject = inject
         self.weighting = weighting
         # Index tensors per (inject_from, device), made once: building a CUDA tensor from a Python
@@ -248,6 +253,10 @@ class RCAttnProcessor:
             if self.weighting == "paper":
                 # K_e = [W_K z^e_{i-1}, W_K z^e_i, K_r], V_e likewise   (Eq. 18, literal)
                 out[injected] = attend(injected, [kp, ke, k_r], [vp, ve, v_r])
+            elif self.weighting == "source":
+                # K_e = W_K [z^r_{i-1}, z^r_i], V_e likewise: the editing branch's queries read the
+                # reconstruction's RC-Attn keys only (mutual self-attention, as MasaCtrl)
+                out[injected] = attend(injected, [k_prev[src], k_r], [v_prev[src], v_r])
             else:
                 # Eq. 18 with the two current-frame blocks sharing one slot (-log 2 each),
                 # written as a duplicated predecessor block: exact, no mask needed
@@ -430,7 +439,7 @@ def injection_processors(unet: nn.Module, schedule, weighting: InjectionWeightin
         unet: an inflated UNet.
         schedule: an :class:`eym.injection.InjectionSchedule` (its layer set is used here; the
             sampler takes its steps).
-        weighting: ``"paper"`` (Eq. 18 literally) or ``"balanced"``, see :class:`RCAttnProcessor`.
+        weighting: ``"paper"`` (Eq. 18 literally), ``"balanced"`` or ``"source"``, see :class:`RCAttnProcessor`.
     """
     names = rc_attn_layers(unet)
     mask = schedule.layer_mask(names)

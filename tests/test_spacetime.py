@@ -47,7 +47,10 @@ def naive_rc_attn(attn, z, num_frames, inject_from=None, weighting="paper"):
             prev = z[b, (i - 1) % num_frames]  # frame 0's predecessor is the last frame
             blocks = [prev, z[b, i]]
             bias = [0.0, 0.0]
-            if inject_from is not None and inject_from[b] >= 0:
+            if inject_from is not None and inject_from[b] >= 0 and weighting == "source":
+                r = inject_from[b]  # the reconstruction's own RC-Attn blocks only
+                blocks, bias = [z[r, (i - 1) % num_frames], z[r, i]], [0.0, 0.0]
+            elif inject_from is not None and inject_from[b] >= 0:
                 blocks.append(z[inject_from[b], i])  # the reconstruction branch's current frame
                 # balanced: both current-frame blocks share the current slot (logit bias -log 2)
                 bias = [0.0, 0.0, 0.0] if weighting == "paper" else [0.0, -math.log(2), -math.log(2)]
@@ -84,7 +87,7 @@ def test_rc_attn_equals_naive_loop(attn, num_frames):
     assert (fast - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("weighting", ["balanced", "paper"])
+@pytest.mark.parametrize("weighting", ["balanced", "paper", "source"])
 @pytest.mark.parametrize("num_frames", [1, 3, 8])
 def test_injection_equals_naive_loop(attn, weighting, num_frames):
     inject_from = [-1, 0, -1, 2]  # two (recon, edit) pairs, as with classifier-free guidance
@@ -199,6 +202,11 @@ def test_injection_with_identical_branches(unet2d, layers):
         out = _run(unet, x2, emb2, inject_from=[-1, 0])
     assert (out[0] - out[1]).abs().max() < 1e-5
     assert (out[0] - plain[0]).abs().max() < 1e-5
+    # source: the edit reads the reconstruction's keys/values only, so it equals it too
+    with attention_processors(unet, injection_processors(unet, schedule, "source")):
+        src = _run(unet, x2, emb2, inject_from=[-1, 0])
+    assert (src[0] - src[1]).abs().max() < 1e-5
+    assert (src[0] - plain[0]).abs().max() < 1e-5
 
 
 @torch.no_grad()

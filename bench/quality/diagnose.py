@@ -9,7 +9,12 @@ difference against the source window of
 - ``self_edit``: the full edit driven by the source's own skeletons (METHOD.md: with balanced
   weighting edit == reconstruction when the inputs match);
 - ``edit`` / ``edit_no_injection``: the real edit with and without key/value injection, and
-  their difference (how much injection changes the output).
+  their difference (how much injection changes the output);
+- ``edit_with_P_s``: the driving skeletons with the source prompt P_s as P_t (prompt or skeleton:
+  which one takes the edit away from the source);
+- ``edit_source_kv`` / ``edit_source_kv_decoder_after_k``: the edit whose queries read the
+  reconstruction's keys/values only (``injection_weighting="source"``), in all layers and steps,
+  and in the decoder from step 10 of 50 on (MasaCtrl's schedule).
 
 CPU or GPU::
 
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ddim-steps", type=int, default=50)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--cache", type=Path, default=None, help="tuned-weights cache to reuse across runs (default: a new temporary one)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     components = load_components(str(args.model), device=args.device)
     import tempfile
 
-    editor = Editor(components, cache_dir=Path(tempfile.mkdtemp(prefix="eym-diag-")), disable_progress=True)
+    editor = Editor(components, cache_dir=args.cache or Path(tempfile.mkdtemp(prefix="eym-diag-")), disable_progress=True)
     tune = TuneConfig(steps1=args.steps1, steps2=args.steps2, lr=args.lr, checkpoint_every=0, gradient_checkpointing=False)
     infer = InferConfig(ddim_steps=args.ddim_steps, retarget=False)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,12 +103,19 @@ def main(argv: list[str] | None = None) -> dict:
                                     replace(infer, injection_weighting="balanced"))
         _, no_inj = branches(editor, source, reference.skeletons, prompts, tuned,
                              replace(infer, injection=InjectionSchedule(layers="none")))
+        _, with_ps = branches(editor, source, reference.skeletons, replace(prompts, target=prompts.source), tuned, infer)
+        _, source_kv = branches(editor, source, reference.skeletons, prompts, tuned, replace(infer, injection_weighting="source"))
+        _, source_kv_late = branches(editor, source, reference.skeletons, prompts, tuned,
+                                     replace(infer, injection_weighting="source", injection=InjectionSchedule(layers="up", start=0.2)))
         videos = {"vae": vae, "reconstruction": recon, "self_edit": self_edit, "self_edit_balanced": self_balanced,
-                  "edit": edit, "edit_no_injection": no_inj}
+                  "edit": edit, "edit_no_injection": no_inj, "edit_with_P_s": with_ps, "edit_source_kv": source_kv,
+                  "edit_source_kv_decoder_after_k": source_kv_late}
         row = {"pair": p, **meta["pairs"][p], "final_loss": tuned.manifest.get("final_loss"),
                "vs_source": {k: {"PSNR": round(psnr(v, src), 2), "MAD": round(mad(v, src), 2)} for k, v in videos.items()},
                "edit_vs_no_injection_MAD": round(mad(edit, no_inj), 2),
-               "edit_vs_reconstruction_MAD": round(mad(edit, recon), 2), "seconds": round(time.perf_counter() - t0, 1)}
+               "edit_vs_reconstruction_MAD": round(mad(edit, recon), 2),
+               "MAD_vs_edit": {k: round(mad(v, edit), 2) for k, v in videos.items() if k.startswith("edit_")},
+               "seconds": round(time.perf_counter() - t0, 1)}
         report["pairs"].append(row)
         print(json.dumps(row), flush=True)
         from report import contact_sheet

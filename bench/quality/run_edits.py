@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,31 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lab  # noqa: E402
 
 
-def _placeholder_module(name: str) -> types.ModuleType:
-    """A stand-in for a module that is not installed: importing it works, using it fails loudly.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from optional import stub_if_missing  # noqa: E402
 
-    eym.editor imports OpenCV at module level (through eym.preprocess), but the lab's edits never
-    call it (skeletons are drawn on the CPU beforehand), and an OpenCV wheel would not fit the
-    GPU run's carry limit. Dunder lookups (``__file__``, ``__path__``) answer AttributeError, as
-    for any module without them, so tools that scan ``sys.modules`` pass over it.
-    """
-    import importlib.machinery
-
-    module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, loader=None))
-
-    def missing(attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        raise ImportError(f"{name} is not installed here; the quality lab's GPU run should not need {name}.{attr}")
-
-    module.__getattr__ = missing  # type: ignore[method-assign]
-    return module
-
-
-if importlib.util.find_spec("cv2") is None:
-    import diffusers.utils.import_utils  # noqa: F401  records "no OpenCV" before the stand-in exists
-
-    sys.modules["cv2"] = _placeholder_module("cv2")
+# eym.editor imports OpenCV at module level (through eym.preprocess), but the lab's edits never
+# call it (skeletons are drawn on the CPU beforehand), and an OpenCV wheel would not fit the
+# GPU run's carry limit
+stub_if_missing("cv2")
 
 from eym.config import replace  # noqa: E402
 from eym.editor import Editor, InferConfig, Prompts, control_tensor, encode_prompts  # noqa: E402
