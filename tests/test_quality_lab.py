@@ -165,3 +165,20 @@ def test_unsharp_keeps_flat_frames_and_raises_contrast():
     edge[:, :, 8:] = 150
     sharp = report.unsharp(edge)
     assert sharp[0, 8, 7, 0] < 100 < 150 < sharp[0, 8, 8, 0]  # overshoot on both sides of the edge
+
+
+def test_row_means_compare_rows_on_the_same_pairs():
+    """A metric one row lacks in a pair (nobody detected) leaves that pair out for every row."""
+    import report
+
+    pairs = [
+        {"pair": 0, "rows": {"a": {"APP": 0.9, "BG-PSNR": 20.0}, "b": {"APP": None, "BG-PSNR": 18.0}}},
+        {"pair": 1, "rows": {"a": {"APP": 0.5, "BG-PSNR": 10.0}, "b": {"APP": 0.6, "BG-PSNR": 12.0}}},
+    ]
+    means = report.mean_rows(pairs)
+    # APP only over pair 1, where both rows have it: b beats a there, so b must not look worse
+    assert means["a"]["APP"] == pytest.approx(0.5) and means["b"]["APP"] == pytest.approx(0.6)
+    # metrics every row has: over all pairs
+    assert means["a"]["BG-PSNR"] == pytest.approx(15.0) and means["b"]["BG-PSNR"] == pytest.approx(15.0)
+    assert report.common_pairs(pairs, "APP") == [1]
+    assert "APP: pairs [1]" in report.table({"pairs": pairs, "mean": means}, {})
