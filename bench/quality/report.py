@@ -188,23 +188,16 @@ def table(results: dict, what: dict[str, str]) -> str:
 
 
 def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, frames: int = SHEET_FRAMES, side: int = SHEET_SIDE) -> Path:
-    """One PNG: a labelled strip of ``frames`` thumbnails per (label, video) row."""
-    import cv2
-
-    label_w = 150
-    F = len(rows[0][1])
-    pick = np.linspace(0, F - 1, min(frames, F)).round().astype(int)
-    strips = []
-    for label, video in rows:
-        thumbs = [cv2.resize(np.asarray(video[i]), (side, side), interpolation=cv2.INTER_AREA) for i in pick]
-        tag = np.full((side, label_w, 3), 255, np.uint8)
-        cv2.putText(tag, label, (4, side // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
-        strips.append(np.concatenate([tag, *thumbs], axis=1))
-    sheet = np.concatenate(strips, axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a 256-colour palette keeps a 12-row sheet near 200 KB (docs/ holds small PNGs)
+    """One PNG: a labelled strip of ``frames`` evenly spaced thumbnails per (label, video) row."""
     from PIL import Image
 
+    from eym.video import contact_sheet as labelled_rows
+
+    F = len(rows[0][1])
+    pick = np.linspace(0, F - 1, min(frames, F)).round().astype(int)
+    sheet = labelled_rows({label: np.asarray(video)[pick] for label, video in rows}, cell=side, label_width=150)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a 256-colour palette keeps a 12-row sheet near 200 KB (docs/ holds small PNGs)
     Image.fromarray(sheet).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
