@@ -313,3 +313,41 @@ def test_trained_temporal_attention_is_no_longer_skipped(components):
     train_stage(2, c.unet, c.controlnet, c.scheduler, random_data(), TuneConfig(steps2=1, lr=1e-3), disable=True)
     with torch.no_grad():
         assert not any(m.is_zero() for m in modules)
+
+
+def test_checkpoint_writer_writes_in_the_background_in_order(tmp_path, monkeypatch):
+    """submit() returns before the write is on disk, copies the state first, and raises a failed write later."""
+    import threading
+
+    import eym.tuning as tuning
+
+    release = threading.Event()
+    written = []
+    real = tuning._save_checkpoint
+
+    def slow_save(checkpoint_dir, fingerprint, **state):
+        release.wait(5)
+        real(checkpoint_dir, fingerprint, **state)
+        written.append((state["step"], float(state["trained"]["w"].sum())))
+
+    monkeypatch.setattr(tuning, "_save_checkpoint", slow_save)
+    writer = tuning.CheckpointWriter()
+    live = torch.zeros(3)
+    writer.submit(tmp_path, "job", stage=1, step=1, trained={"w": live})
+    live += 7  # the loop goes on updating in place: the checkpoint must hold the value at submit
+    assert written == [] and not (tmp_path / tuning.CHECKPOINT).exists()  # still in flight
+    release.set()
+    writer.submit(tmp_path, "job", stage=1, step=2, trained={"w": live})  # waits for step 1 first
+    writer.close()
+    assert written == [(1, 0.0), (2, 21.0)]  # step 1 holds the value at its submit, not the later one
+    ckpt = tuning._load_checkpoint(tmp_path, "job")
+    assert ckpt["step"] == 2 and torch.equal(ckpt["trained"]["w"], torch.full((3,), 7.0))
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tuning, "_save_checkpoint", failing)
+    writer.submit(tmp_path, "job", stage=1, step=3, trained={"w": live})
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert tuning._load_checkpoint(tmp_path, "job")["step"] == 2  # the previous one stands
