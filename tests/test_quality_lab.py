@@ -182,3 +182,18 @@ def test_row_means_compare_rows_on_the_same_pairs():
     assert means["a"]["BG-PSNR"] == pytest.approx(15.0) and means["b"]["BG-PSNR"] == pytest.approx(15.0)
     assert report.common_pairs(pairs, "APP") == [1]
     assert "APP: pairs [1]" in report.table({"pairs": pairs, "mean": means}, {})
+
+
+def test_diagnose_runs_and_self_edit_equals_reconstruction(trained, tmp_path):
+    """diagnose.py on the toy model: every video scored; with the source's own skeletons the
+    balanced and source weightings make the editing branch the reconstruction (METHOD.md)."""
+    import diagnose
+
+    data, model, _ = trained
+    report = diagnose.main(["--pairs", "0", "--frames", "4", "--steps1", "1", "--steps2", "1", "--ddim-steps", "2",
+                            "--model", str(model), "--data", str(data), "--out", str(tmp_path), "--device", "cpu"])
+    row = report["pairs"][0]
+    assert set(row["vs_source"]) == {"vae", "reconstruction", "self_edit", "self_edit_balanced", "edit", "edit_no_injection",
+                                     "edit_with_P_s", "edit_source_kv", "edit_source_kv_decoder_after_k"}
+    assert row["vs_source"]["self_edit_balanced"]["MAD"] == pytest.approx(row["vs_source"]["reconstruction"]["MAD"], abs=0.5)
+    assert (tmp_path / "pair0_diag.png").is_file() and (tmp_path / "diag.json").is_file()
