@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from eym.editor import EditConfig, Editor, InferConfig, derive_prompts
+        from eym.editor import EditConfig, Editor, InferConfig
+        from eym.prompts import derive_prompts
         from eym.motion import resolve_motion
         from eym.models import load_components
         from eym.preprocess import PreprocessConfig

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replica import build_sd15_replica  # noqa: E402
 
-from eym.editor import Editor, InferConfig, Prompts  # noqa: E402
+from eym.editor import Editor, InferConfig  # noqa: E402
+from eym.prompts import Prompts  # noqa: E402
 from eym.preprocess import Clip, PreprocessConfig  # noqa: E402
 from eym.tuning import TuneConfig  # noqa: E402
 

@@ -218,7 +218,8 @@ def test_two_real_model_copies_tune_at_once_and_equal_lone_runs(tiny_bundle, tmp
     import numpy as np
 
     from eym.config import from_dict
-    from eym.editor import EditConfig, Editor, derive_prompts
+    from eym.editor import EditConfig, Editor
+    from eym.prompts import derive_prompts
     from eym.models import load_components
     from eym.preprocess import clip_from_keypoints
     from eym.presets import preset_motion

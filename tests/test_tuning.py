@@ -49,7 +49,7 @@ def tuning_data(components, clip, content="A girl in a white crop top.", source=
 
     # the Editor's own preparation (VAE latents, masked latents, embeddings, control images)
     editor = Editor(components, cache_dir=Path("/nonexistent"), disable_progress=True)
-    from eym.editor import Prompts
+    from eym.prompts import Prompts
 
     return editor._tuning_data(clip, Prompts(content, source, ""), TuneConfig())
 

@@ -44,7 +44,8 @@ from optional import stub_if_missing  # noqa: E402
 stub_if_missing("cv2")
 
 from eym.config import replace  # noqa: E402
-from eym.editor import Editor, InferConfig, Prompts, control_tensor, encode_prompts  # noqa: E402
+from eym.editor import Editor, InferConfig, control_tensor  # noqa: E402
+from eym.prompts import Prompts, encode_prompts  # noqa: E402
 from eym.injection import InjectionSchedule  # noqa: E402
 from eym.models import load_components  # noqa: E402
 from eym.preprocess import Clip, PreprocessConfig, content_hash  # noqa: E402
