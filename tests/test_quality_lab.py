@@ -197,3 +197,49 @@ def test_diagnose_runs_and_self_edit_equals_reconstruction(trained, tmp_path):
                                      "edit_with_P_s", "edit_source_kv", "edit_source_kv_decoder_after_k"}
     assert row["vs_source"]["self_edit_balanced"]["MAD"] == pytest.approx(row["vs_source"]["reconstruction"]["MAD"], abs=0.5)
     assert (tmp_path / "pair0_diag.png").is_file() and (tmp_path / "diag.json").is_file()
+
+
+def test_controlnet_after_schedule_trains_only_the_controlnet_in_its_phase(trained, tmp_path):
+    """--controlnet-phase after: the UNet and text encoder learn without skeletons, then a ControlNet
+    copied from the trained UNet learns alone (the UNet is frozen then); the bundle loads as before."""
+    import torch
+    import train_mini
+
+    from eym.models import load_components
+
+    cfg = train_mini.MiniConfig(**train_mini.TOY)
+    from transformers import CLIPTokenizer
+
+    from eym.models import write_tiny_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path / "tok")))
+    torch.manual_seed(0)
+    vae, unet, _, text_encoder, scheduler = train_mini.build_models(cfg, tokenizer, 64)
+    controlnet = train_mini.controlnet_from(unet, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(controlnet.down_blocks.state_dict().values(), unet.down_blocks.state_dict().values()))
+    N, U = 6, 3
+    data = {"mean": torch.randn(N, 4, 8, 8), "std": torch.rand(N, 4, 8, 8) * 0.1, "scale": 1.0,
+            "ids": tokenizer([""] * U, padding="max_length", max_length=77, return_tensors="pt").input_ids,
+            "clip": torch.zeros(N, dtype=torch.long), "content_idx": torch.tensor([1]), "motion_idx": torch.tensor([[2]]),
+            "skeletons": torch.randint(0, 255, (N, 64, 64, 3), dtype=torch.uint8)}
+    unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    cn_before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    import contextlib
+
+    steps = train_mini.train_diffusion(unet, controlnet, text_encoder, scheduler, data, cfg, torch.device("cpu"), [],
+                                       contextlib.nullcontext, phase="controlnet", trained=(controlnet,), steps=2, seconds=60)
+    assert steps == 2
+    assert all(torch.equal(v, unet_before[k]) for k, v in unet.state_dict().items())
+    assert all(torch.equal(v, text_before[k]) for k, v in text_encoder.state_dict().items())
+    assert any(not torch.equal(v, cn_before[k]) for k, v in controlnet.state_dict().items())
+
+    # end to end through the script: both phases logged, the bundle loads
+    data_dir, _, _ = trained
+    out = tmp_path / "out"
+    train_mini.main(["--toy", "--controlnet-phase", "after", "--data", str(data_dir), "--model-dir", str(tmp_path / "mini"),
+                     "--out", str(out), "--device", "cpu"])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps_run"] == {"vae": 2, "unet": 2, "controlnet": 2}
+    assert {r["phase"] for r in log["log"]} == {"vae", "unet", "controlnet"}
+    assert load_components(str(tmp_path / "mini"), device="cpu").controlnet is not None

@@ -78,6 +78,14 @@ class MiniConfig:
     unet_lr: float = 3e-4
     unet_seconds: float = 300.0
     warmup: int = 200
+    # "joint": UNet, ControlNet and text encoder trained together (the first lab model: its
+    # ControlNet learned pose -> person and place, docs/QUALITY.md); "after": as ControlNet itself
+    # is trained, the UNet and text encoder first without it, then a ControlNet copied from the
+    # trained UNet learns the skeletons with everything else frozen
+    controlnet_phase: str = "joint"
+    controlnet_steps: int = 3000
+    controlnet_lr: float = 1e-4
+    controlnet_seconds: float = 150.0
     p_empty: float = 0.1  # captions dropped (guidance needs an unconditional model)
     p_content: float = 0.2  # captions of P_c's form (stage 1 of tuning uses P_c)
     seed: int = 0
@@ -85,7 +93,7 @@ class MiniConfig:
 
 TOY = dict(
     vae_channels=(8, 16, 16, 16), unet_channels=(16, 32, 32), heads=2, text_dim=32, text_layers=1, norm_groups=8,
-    vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup=1,
+    vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup=1, controlnet_steps=2,
 )
 
 
@@ -125,9 +133,7 @@ def build_models(cfg: MiniConfig, tokenizer, size: int):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cfg.text_dim, attention_head_dim=cfg.heads, norm_num_groups=cfg.norm_groups,
     )
-    # the skeleton encoder downsamples 2 ** (len - 1) = 8x: pixels -> latent cells
-    embed = (16, 32, 96, 256) if cfg.norm_groups == 32 else (8, 16, 16, 32)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed[: levels])
+    controlnet = controlnet_from(unet, cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_dim, intermediate_size=4 * cfg.text_dim,
         num_hidden_layers=cfg.text_layers, num_attention_heads=max(cfg.text_dim // 64, 2), max_position_embeddings=77,
@@ -139,6 +145,15 @@ def build_models(cfg: MiniConfig, tokenizer, size: int):
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
     )
     return vae, unet, controlnet, text_encoder, scheduler
+
+
+def controlnet_from(unet, cfg: MiniConfig):
+    """A ControlNet whose encoder is a copy of ``unet``'s (zero convolutions out, as ControlNet starts)."""
+    from diffusers import ControlNetModel
+
+    # the skeleton encoder downsamples 2 ** (len - 1) = 8x: pixels -> latent cells
+    embed = (16, 32, 96, 256) if cfg.norm_groups == 32 else (8, 16, 16, 32)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed[: len(cfg.vae_channels)])
 
 
 def caption_table(meta: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -201,10 +216,20 @@ def latent_stats(vae, frames: torch.Tensor, autocast, chunk: int = 128) -> tuple
     return torch.cat(means), torch.cat(stds)
 
 
-def train_diffusion(unet, controlnet, text_encoder, scheduler, data: dict, cfg: MiniConfig, device, log: list, autocast) -> int:
-    """Joint epsilon-prediction training of UNet, ControlNet and text encoder; returns the steps run."""
-    params = [*unet.parameters(), *controlnet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, **_fused(device))
+def train_diffusion(unet, controlnet, text_encoder, scheduler, data: dict, cfg: MiniConfig, device, log: list, autocast,
+                    *, phase: str = "unet", trained: tuple = (), steps: int | None = None, seconds: float | None = None,
+                    lr: float | None = None) -> int:
+    """Epsilon-prediction training of the modules in ``trained`` (the others frozen); returns the steps run.
+
+    ``controlnet=None`` trains without skeletons (the "after" schedule's first phase).
+    """
+    trained = trained or tuple(m for m in (unet, controlnet, text_encoder) if m is not None)
+    steps, seconds, lr = steps or cfg.unet_steps, seconds or cfg.unet_seconds, lr or cfg.unet_lr
+    for module in (unet, controlnet, text_encoder):
+        if module is not None:
+            module.requires_grad_(any(module is m for m in trained))
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, **_fused(device))
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     mean, std, scale = data["mean"], data["std"], data["scale"]
     clip_of, ids = data["clip"], data["ids"]
@@ -212,9 +237,9 @@ def train_diffusion(unet, controlnet, text_encoder, scheduler, data: dict, cfg: 
     alphas = scheduler.alphas_cumprod.to(device)
     N, M = len(mean), motion_idx.shape[1]
     started, step = time.perf_counter(), 0
-    for module in (unet, controlnet, text_encoder):
+    for module in trained:
         module.train()
-    while (fraction := progress(step, cfg.unet_steps, started, cfg.unet_seconds)) < 1.0:
+    while (fraction := progress(step, steps, started, seconds)) < 1.0:
         B = cfg.unet_batch
         idx = torch.randint(N, (B,), generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=gen)
@@ -229,11 +254,12 @@ def train_diffusion(unet, controlnet, text_encoder, scheduler, data: dict, cfg: 
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # forward diffusion q(z_t | z_0)
         control = data["skeletons"][idx].permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1], as eym feeds it
         for group in opt.param_groups:
-            group["lr"] = lr_at(fraction, step, cfg.unet_lr, cfg.warmup)
+            group["lr"] = lr_at(fraction, step, lr, cfg.warmup)
         with autocast():
             table = text_encoder(ids)[0]  # (U, 77, D): every distinct caption once
             emb = table[cap]  # (B, 77, D)
-            down, mid = controlnet(z_t, t, encoder_hidden_states=emb, controlnet_cond=control, return_dict=False)
+            down, mid = (None, None) if controlnet is None else controlnet(
+                z_t, t, encoder_hidden_states=emb, controlnet_cond=control, return_dict=False)
             eps = unet(z_t, t, encoder_hidden_states=emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = F.mse_loss(eps.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -242,11 +268,13 @@ def train_diffusion(unet, controlnet, text_encoder, scheduler, data: dict, cfg: 
         opt.step()
         step += 1
         if step % 100 == 0 or step == 1:
-            record = {"phase": "unet", "step": step, "loss": round(loss.item(), 5), "lr": round(opt.param_groups[0]["lr"], 7), "s": round(time.perf_counter() - started, 1)}
+            record = {"phase": phase, "step": step, "loss": round(loss.item(), 5), "lr": round(opt.param_groups[0]["lr"], 7), "s": round(time.perf_counter() - started, 1)}
             log.append(record)
             print(json.dumps(record), flush=True)
     for module in (unet, controlnet, text_encoder):
-        module.eval()
+        if module is not None:
+            module.eval()
+            module.requires_grad_(False)
     return step
 
 
@@ -335,10 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="where mini.tar.NN, train_log.json and preview.npz go ($OUT)")
     parser.add_argument("--toy", action="store_true", help="tiny widths, 2 steps per phase (CPU tests)")
     parser.add_argument("--device", default=None, help="default: cuda if available")
-    for name in ("vae_steps", "unet_steps", "vae_seconds", "unet_seconds", "seed"):
+    numbers = ("vae_steps", "unet_steps", "controlnet_steps", "vae_seconds", "unet_seconds", "controlnet_seconds", "seed")
+    for name in numbers:
         parser.add_argument("--" + name.replace("_", "-"), type=float if "seconds" in name else int, default=None)
+    parser.add_argument("--controlnet-phase", choices=("joint", "after"), default=None,
+                        help="joint (default): one phase for all; after: UNet + text encoder, then the ControlNet alone")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("vae_steps", "unet_steps", "vae_seconds", "unet_seconds", "seed") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*numbers, "controlnet_phase") if getattr(args, k) is not None}
     cfg = MiniConfig(**{**(TOY if args.toy else {}), **overrides})
 
     from transformers import CLIPTokenizer
@@ -388,17 +419,29 @@ def main(argv: list[str] | None = None) -> dict:
         "skeletons": torch.from_numpy(train["train_skeletons"]).to(device),
     }
     t1 = time.perf_counter()
-    unet_steps = train_diffusion(unet, controlnet, text_encoder, scheduler, data, cfg, device, log, autocast)
-    unet_seconds = time.perf_counter() - t1
+    steps_run = {"vae": vae_steps}
+    if cfg.controlnet_phase == "joint":
+        steps_run["unet"] = train_diffusion(unet, controlnet, text_encoder, scheduler, data, cfg, device, log, autocast)
+        unet_seconds = time.perf_counter() - t1
+        phase_seconds = {"unet": round(unet_seconds, 1)}
+    else:
+        steps_run["unet"] = train_diffusion(unet, None, text_encoder, scheduler, data, cfg, device, log, autocast)
+        unet_seconds = time.perf_counter() - t1
+        controlnet = controlnet_from(unet, cfg).to(device)  # the trained UNet's encoder, zero convolutions out
+        t2 = time.perf_counter()
+        steps_run["controlnet"] = train_diffusion(
+            unet, controlnet, text_encoder, scheduler, data, cfg, device, log, autocast, phase="controlnet",
+            trained=(controlnet,), steps=cfg.controlnet_steps, seconds=cfg.controlnet_seconds, lr=cfg.controlnet_lr)
+        phase_seconds = {"unet": round(unet_seconds, 1), "controlnet": round(time.perf_counter() - t2, 1)}
 
     info = {
-        "config": asdict(cfg), "steps_run": {"vae": vae_steps, "unet": unet_steps},
-        "seconds": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1)},
+        "config": asdict(cfg), "steps_run": steps_run,
+        "seconds": {"vae": round(vae_seconds, 1), **phase_seconds},
         "scaling_factor": scale, "parameters": counts, "device": str(device),
         "data": {"frames": len(train["train_frames"]), "clips": [{k: c[k] for k in ("name", "subject", "place") if k in c} | {"train": c.get("train")} for c in meta["clips"]],
                  "held_out": "the last %d frames (every %d-th) of each clip and %d before them" % (lab.EVAL_RAW_FRAMES, lab.FRAME_STEP, lab.GAP_RAW_FRAMES)},
         "captions": captions,
-        "final": {"vae": next((r for r in reversed(log) if r["phase"] == "vae"), None), "unet": next((r for r in reversed(log) if r["phase"] == "unet"), None)},
+        "final": {phase: next((r for r in reversed(log) if r["phase"] == phase), None) for phase in ("vae", "unet", "controlnet")},
     }
     save_bundle(args.model_dir, vae, unet, controlnet, text_encoder, scheduler, info)
     packed = pack(args.model_dir, args.out)
