@@ -23,7 +23,6 @@ import html  # noqa: E402
 import inspect  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from dataclasses import dataclass, fields  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,7 +37,7 @@ from eym.errors import EymError, without_paths  # noqa: E402
 from eym.gallery import PageGallery, stage_gallery  # noqa: E402
 from eym.hub import TUNED_ZIP, push_tuned_zip  # noqa: E402
 from eym.request import MOTION_PRESET, MOTION_REFERENCE, EditRequest, PreviewRequest  # noqa: E402
-from eym.runner import JobCancelled, JobRunner, RunnerLimits, client_key, describe_editor  # noqa: E402
+from eym.runner import JobCancelled, JobRunner, RunnerLimits, describe_editor, request_client  # noqa: E402
 
 logger = logging.getLogger("eym.app")
 
@@ -50,16 +49,6 @@ DEFAULT_GALLERY = HERE / "examples"
 def compose_prompts(subject: str, source_motion: str, target_motion: str, p_c: str = "", p_s: str = "", p_t: str = ""):
     """P_c, P_s, P_t from the subject and the two motions; non-empty explicit prompts win."""
     return rq.compose_prompts(subject, source_motion, target_motion, content=p_c, source=p_s, target=p_t)
-
-
-def gradio_upload_dir() -> Path:
-    """Where Gradio keeps its copies of uploads (and of files it serves)."""
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
-
-
-def disk_roots(outputs_dir: Path) -> list[Path]:
-    """What the disk cap counts besides the caches: job folders and Gradio's upload copies."""
-    return [outputs_dir, gradio_upload_dir()]
 
 
 @dataclass
@@ -173,15 +162,6 @@ def _event_alive() -> Callable[[], bool]:
     return alive
 
 
-def _request_client(request: gr.Request | None) -> tuple[str, str | None]:
-    """(client key for the per-client share, session hash) of a request."""
-    if request is None:
-        return "local", None
-    headers = getattr(request, "headers", None) or {}
-    host = getattr(getattr(request, "client", None), "host", None)
-    return client_key(host, headers.get("x-forwarded-for")), getattr(request, "session_hash", None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Handlers: module functions of (page, request values); build_demo binds the page
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +170,7 @@ def on_preview(page: Page, req: PreviewRequest) -> tuple:
     if not req.source:
         return None, None, None, None, page.start_hint
     try:
-        shown = rq.preview(req, page.limits, disk_roots=disk_roots(page.outputs_dir))
+        shown = rq.preview(req, page.limits, disk_roots=server.disk_roots(page.outputs_dir))
     except EymError as err:
         raise _page_error(err) from None
     return shown.frames, shown.skeletons, shown.masks, shown.motion, shown.info
@@ -249,19 +229,19 @@ def on_estimate(page: Page, num_frames, size, stage1_steps, stage2_steps, ddim_s
 
 
 def on_cancel(page: Page, request: gr.Request) -> str:
-    _client, session = _request_client(request)
+    _client, session = request_client(request)
     stopped = page.runner.cancel_session(session, "cancelled")
     return cancel_message("cancelled") if stopped else "Nothing to cancel: no edit of yours is queued or running."
 
 
 def on_unload(page: Page, request: gr.Request) -> None:
-    _client, session = _request_client(request)
+    _client, session = request_client(request)
     page.runner.cancel_session(session, "client gone")  # a closed tab gives its GPU time back
 
 
 def on_edit(page: Page, req: EditRequest, request: gr.Request | None = None, progress=None) -> tuple:
     """Run one edit; returns the edited, source, skeleton and side-by-side videos, the downloads and the status."""
-    client, session = _request_client(request)
+    client, session = request_client(request)
     try:
         ticket = page.runner.ticket(client, session, alive=_event_alive())  # admission: per-client share
     except EymError as err:
@@ -272,7 +252,7 @@ def on_edit(page: Page, req: EditRequest, request: gr.Request | None = None, pro
                                                             if page.gallery.entries else ""))
         job = rq.serve_edit(req, runner=page.runner, ticket=ticket, limits=page.limits, outputs_dir=page.outputs_dir,
                             figures=page.figures, allow_cpu=page.allow_cpu, device=page.device, progress=progress,
-                            disk_roots=disk_roots(page.outputs_dir))
+                            disk_roots=server.disk_roots(page.outputs_dir))
     except JobCancelled as stop:
         raise gr.Error(cancel_message(stop.reason), print_exception=False) from None
     except EymError as err:

@@ -350,6 +350,15 @@ def _restored_processors(editor: Any) -> Iterator[None]:
         yield
 
 
+def request_client(request: Any) -> tuple[str, str | None]:
+    """(client key for the per-client share, session hash) of a web request (a ``gr.Request``; None: local)."""
+    if request is None:
+        return "local", None
+    headers = getattr(request, "headers", None) or {}
+    host = getattr(getattr(request, "client", None), "host", None)
+    return client_key(host, headers.get("x-forwarded-for")), getattr(request, "session_hash", None)
+
+
 def _free_memory(editor: Any) -> None:
     """Drop a finished (or stopped) job's tensors before the next job gets the copy."""
     import gc

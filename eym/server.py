@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -148,6 +149,16 @@ def start(args: argparse.Namespace) -> Started:
                        else "edits are refused: run on a GPU with a torch build matching the driver "
                             "(docs/DEPLOY.md) or pass --allow-cpu / EYM_ALLOW_CPU=1")
     return Started(outputs=outputs, editors=editors, limits=limits, gallery=gallery, device=device)
+
+
+def gradio_upload_dir() -> Path:
+    """Where Gradio keeps its copies of uploads (and of files it serves)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def disk_roots(outputs_dir: Path) -> list[Path]:
+    """What the disk cap counts besides the caches: job folders and Gradio's upload copies."""
+    return [outputs_dir, gradio_upload_dir()]
 
 
 def health_routes(queued: Callable[[], int]) -> list:

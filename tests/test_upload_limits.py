@@ -194,9 +194,10 @@ def test_disk_cap_counts_gradio_upload_copies(tmp_path, monkeypatch):
     monkeypatch.setenv("EYM_HOME", str(tmp_path / "home"))  # never the session's caches
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
     monkeypatch.setenv("EYM_DISK_CAP_GB", str(1_000_000 / 2**30))
+    from eym import server
     from eym.jobs import enforce_disk_cap
 
-    enforce_disk_cap(*app.disk_roots(outputs))  # what the preview and the edit apply
+    enforce_disk_cap(*server.disk_roots(outputs))  # what the preview and the edit apply
     left = sorted(p.name for p in uploads.iterdir() if not p.name.startswith("."))
     assert left == ["hash2", "hash3", "hash4"], left  # the two oldest went, down to 0.9 MB
 
