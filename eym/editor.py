@@ -269,9 +269,11 @@ class Editor:
 
     def find_tuned(self, source: Clip, prompts: Prompts, config: TuneConfig) -> TunedWeights | None:
         """The cached tuned weights of this source and settings, or ``None`` (damaged ones are removed)."""
+        return self._find_entry(self.tuned_key(source, prompts, config))
+
+    def _find_entry(self, key: str) -> TunedWeights | None:
         c = self.components
-        return find_tuned(self.cache_dir / self.tuned_key(source, prompts, config), model=c.model_id,
-                          controlnet=c.controlnet_id, weights=self._model_fingerprint)
+        return find_tuned(self.cache_dir / key, model=c.model_id, controlnet=c.controlnet_id, weights=self._model_fingerprint)
 
     def open_tuned(self, path: str | Path, *, reused: bool = True) -> TunedWeights:
         """Open a tuned-weights folder, checking that it belongs to this base model.
@@ -309,7 +311,7 @@ class Editor:
         check_prompt_filled(prompts.source, "source prompt (P_s)")
         check_prompt_lengths(c.tokenizer, Prompts(prompts.content, prompts.source, ""))
         key = self.tuned_key(source, prompts, config)
-        found = self.find_tuned(source, prompts, config)
+        found = self._find_entry(key)
         if found is not None:
             logger.info("reusing tuned weights %s", found.path)
             return found

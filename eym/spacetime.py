@@ -165,8 +165,8 @@ class RCAttnProcessor:
     match. ``weighting="source"``, another option, lets the editing branch's queries read the
     reconstruction only, K_e = W_K [z^r_{i-1}, z^r_i], V_e likewise (mutual self-attention as in
     MasaCtrl, in RC-Attn's form): appearance can come only from the source while the layout
-    follows the edit's own queries, and edit == reconstruction when the inputs match. Which gives better edits is measured, not
-    assumed (docs/QUALITY.md).
+    follows the edit's own queries, and edit == reconstruction when the inputs match. Which gives
+    better edits is measured, not assumed (docs/QUALITY.md).
 
     No new parameters: the projections are attn1's (to_q, to_k, to_v, to_out).
 

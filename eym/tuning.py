@@ -438,8 +438,8 @@ def train_stage(
             pending = {"stage": stage, "step": step, "loss": loss.detach(), "lr": config.lr, "t": int(t_cpu), **parts}
             if config.checkpoint_every and (step % config.checkpoint_every == 0) and step < total:
                 flush()  # never checkpoint tensors updated from a non-finite loss
-                writer.submit(
-                    checkpoint_dir, fingerprint, stage=stage, step=step, trained=_snapshot(params),
+                writer.submit(  # copies the live tensors and optimizer state to the CPU, once
+                    checkpoint_dir, fingerprint, stage=stage, step=step, trained=dict(params),
                     stage1=stage1, optimizer=optimizer.state_dict(), rng=generator.get_state(),
                     scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 )
