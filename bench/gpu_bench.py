@@ -192,8 +192,12 @@ def bench_ours(editor: Editor, num_frames: int, size: int, steps: int, warmup: i
     return row
 
 
-def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict) -> dict:
-    """Whole tune (defaults: 300 + 300) + infer (defaults: 50 DDIM steps), excluding preprocessing."""
+def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict, *, re_edit: bool = False) -> dict:
+    """Whole tune (defaults: 300 + 300) + infer (defaults: 50 DDIM steps), excluding preprocessing.
+
+    With ``re_edit``, then two re-edits of the tuned source with another motion (inference only,
+    the model loaded): one as an Editor that keeps its cached inversion runs it, one inverting again.
+    """
     source = synthetic_clip(num_frames, size, seed=7 + num_frames)
     reference = synthetic_clip(num_frames, size, seed=2007 + num_frames)
     timer = PhaseTimer()
@@ -207,7 +211,20 @@ def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict) 
     from eym.tuning import needs_gradient_checkpointing
 
     ckpt = needs_gradient_checkpointing((1, 4, num_frames, size // 8, size // 8), editor.components.device) if _cuda() else False
-    return {"frames": num_frames, "wall_s": wall, "gradient_checkpointing": ckpt, "phase_s": timer.totals, "peak_gb": timer.peak_gb}
+    row = {"frames": num_frames, "wall_s": wall, "gradient_checkpointing": ckpt, "phase_s": timer.totals, "peak_gb": timer.peak_gb}
+    if re_edit:
+        other = synthetic_clip(num_frames, size, seed=4007 + num_frames)
+        for name, keep_inversion in (("re_edit_cached_inversion", True), ("re_edit_fresh_inversion", False)):
+            if not keep_inversion:
+                editor._inversions.clear()
+            timer = PhaseTimer()
+            _sync()
+            start = time.perf_counter()
+            timer.begin()
+            editor.infer(source, other, PROMPTS, tuned, InferConfig(retarget=False), callback=timer)
+            timer.end()
+            row[name] = {"wall_s": time.perf_counter() - start, "phase_s": timer.totals}
+    return row
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,11 +22,18 @@ autocast, the same optimizer, clip norm and gradient checkpointing setting for e
     in float32), ``+ fused temporal attention``, ``+ regional compile`` (first step with its
     compile time, steady s/step, and a second process's first step on the warm inductor cache),
     and ``plain``; each row with its loss and update difference from the first;
-  * optionally whole edits with the defaults of ``eym edit`` (``--full-edit 8 24``).
+  * CUDA graphs (``graphs``): eym's stage 1 and stage 2 and its inversion and two-branch
+    sampling, eager and replayed as CUDA graphs (``TuneConfig.cuda_graphs``,
+    ``InferConfig.cuda_graphs``), from the same start in the same run, with the first steps'
+    cost (capture included) and the difference of losses, updates and sampled latents;
+  * optionally whole edits with the defaults of ``eym edit`` (``--full-edit 8 24``), each followed
+    by two re-edits of the tuned source with another motion: one reusing the Editor's cached
+    inversion, one inverting again.
 
 Usage (a CUDA machine; a CPU run is a smoke test of the script only):
     python bench/step_cost.py --frames 8 24 --json out.json
     python bench/step_cost.py --frames 8 24 --only speedups --json out.json   # the speed-up rows alone
+    python bench/step_cost.py --frames 8 24 --only graphs --full-edit 8 --json out.json   # CUDA graphs, whole edit
     python bench/step_cost.py --frames 24 --memcap-gb 24 --memory-only     # a 24 GB card
     python bench/step_cost.py --toy --json out.json    # CPU, tiny model, seconds: tests the script
 """
@@ -414,6 +421,14 @@ def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, p
         probe_row["process_wall_s"] = time.perf_counter() - start_s
         rows["+ regional compile"]["warm_cache_second_process"] = probe_row
         print(f"  F={F_} compile probe (second process, warm cache): {json.dumps(probe_row)[:300]}", flush=True)
+    rows["plain"] = plain_row(comps, F_, size, warmup, steps)
+    for name in rows:
+        rows[name]["vs_plain"] = rows[name]["s_per_step"] / rows["plain"]["s_per_step"]
+    return rows
+
+
+def plain_row(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
+    """The bare plain-SD step (2D UNet + ControlNet, attn1 trainable) at the same settings."""
     plain = _plain_unet(comps)
     step = BareStep(plain, comps.controlnet, comps.scheduler, [p for n, p in plain.named_parameters() if ".attn1." in n],
                     F_, size, space_time=False)
@@ -423,10 +438,103 @@ def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, p
     finally:
         step.close()
         del plain
-    rows["plain"] = {"s_per_step": s_step, "peak_gb": peak}
-    for name in rows:
-        rows[name]["vs_plain"] = rows[name]["s_per_step"] / s_step
     print(f"  F={F_} plain: {s_step:.4f} s/step", flush=True)
+    return {"s_per_step": s_step, "peak_gb": peak}
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs: eager against replayed, eym's own loops, same start
+# ---------------------------------------------------------------------------------------------
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int) -> tuple[dict, dict]:
+    """eym's stage 1 and 2, eager and graphed, each from the untrained start; (rows, stage 2's trained tensors)."""
+    unet = comps.unet
+    init_temporal_attention(unet, 0)
+    start = {n: p.detach().clone() for n, p in {**rc_attn_parameters(unet), **temporal_parameters(unet)}.items()}
+    data = bench_data(comps, F_, size)
+    rows, trained = {}, {}
+    for stage in (1, 2):
+        ref = None
+        for graphs in (False, True):
+            _assign(unet, start)
+            cfg = TuneConfig(steps1=warmup + steps, steps2=warmup + steps, checkpoint_every=0,
+                             gradient_checkpointing=False, cuda_graphs=graphs)
+            losses: list[float] = []
+            timer = PhaseTimer()
+            timer.begin()
+            out = train_stage(stage, unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
+                              log_fn=lambda r: losses.append(r["loss"]), disable=True)
+            timer.end()
+            ts = timer.steps[f"stage{stage}"]
+            per_step = max(statistics.median(ts[warmup:]), sum(ts[warmup:]) / len(ts[warmup:]))
+            update = {n: v.float() - start[n].float().cpu() for n, v in out.items()}
+            row = {"s_per_step": per_step, "first_steps_s": sum(ts[:warmup]), "peak_gb": timer.peak_gb[f"stage{stage}"],
+                   "losses": losses}
+            # what the first steps cost beyond steady steps: the capture and its warm-up call
+            row["setup_s"] = row["first_steps_s"] - warmup * per_step
+            if ref is None:
+                ref = (update, losses)
+            else:
+                row["max_loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[1]))
+                row["update_rel_diff"] = float(sum((update[n] - ref[0][n]).square().sum() for n in update).sqrt()
+                                               / sum(ref[0][n].square().sum() for n in update).sqrt().clamp_min(1e-30))
+            name = f"stage{stage} {'graphed' if graphs else 'eager'}"
+            rows[name] = row
+            print(f"  F={F_} {name}: {per_step:.4f} s/step, setup {row['setup_s']:.2f} s, peak {row['peak_gb']:.1f} GB, "
+                  f"diff {row.get('max_loss_rel_diff', 0):.1e} / {row.get('update_rel_diff', 0):.1e}", flush=True)
+            if stage == 2 and graphs:
+                trained = out
+    _assign(unet, start)
+    return rows, trained
+
+
+def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict) -> dict:
+    """Inversion and two-branch sampling (injection at every layer and step), eager and graphed, on tuned weights."""
+    from eym.injection import InjectionSchedule
+    from eym.sampling import ddim_invert, ddim_timesteps, make_eps_fn, sample_two_branch
+    from eym.spacetime import injection_processors
+
+    unet = comps.unet
+    saved = {n: p.detach().clone() for n, p in temporal_parameters(unet).items()}
+    _assign(unet, trained)  # a tuned temporal attention: computed, not skipped, as in a real edit
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, F_, size // 8, size // 8, generator=gen).to(comps.device)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    control = torch.rand(2, 3, F_, size, size, generator=gen)
+    timesteps = ddim_timesteps(comps.scheduler, ddim)
+    rows, ref = {}, None
+    try:
+        with attention_processors(unet, injection_processors(unet, InjectionSchedule(), "paper")):
+            for graphs in (False, True):
+                invert_fn = make_eps_fn(unet, comps.controlnet, prompt_embeds=emb[:1], control_images=control[:1],
+                                        num_frames=F_, cuda_graphs=graphs)
+                branch_fn = make_eps_fn(unet, comps.controlnet, prompt_embeds=emb, control_images=control,
+                                        num_frames=F_, cuda_graphs=graphs)
+                timer = PhaseTimer()
+                timer.begin()
+                with torch.no_grad():
+                    z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)[-1]
+                    out = sample_two_branch(branch_fn, z_T, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)
+                timer.end()
+                row = {}
+                for phase in ("inversion", "sampling"):
+                    ts = timer.steps[phase]
+                    row[f"{phase}_s"] = timer.totals[phase]
+                    row[f"{phase}_s_per_step"] = statistics.median(ts[3:])
+                    row[f"{phase}_peak_gb"] = timer.peak_gb[phase]
+                if ref is None:
+                    ref = (z_T, out)
+                else:
+                    row["z_T_rel_diff"], row["sampled_rel_diff"] = _rel(z_T, ref[0]), _rel(out, ref[1])
+                name = "graphed" if graphs else "eager"
+                rows[name] = row
+                print(f"  F={F_} inference {name} ({ddim} steps): {json.dumps({k: round(v, 4) for k, v in row.items()})}", flush=True)
+                del invert_fn, branch_fn
+    finally:
+        _assign(unet, saved)
     return rows
 
 
@@ -613,7 +721,7 @@ def memory_only(comps, F_: int, size: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, nargs="+", default=[8, 24])
+    p.add_argument("--frames", type=int, nargs="*", default=[8, 24], help="frame counts of the rows (none: only --full-edit)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -621,7 +729,9 @@ def main(argv=None) -> int:
     p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--skip-temporal-alone", action="store_true")
-    p.add_argument("--only", choices=["all", "speedups"], default="all", help="speedups: only the stage-2 speed-up rows and plain")
+    p.add_argument("--only", choices=["all", "speedups", "graphs"], default="all",
+                   help="speedups: only the stage-2 speed-up rows and plain; graphs: only the CUDA-graph rows and plain")
+    p.add_argument("--ddim", type=int, default=20, help="DDIM steps of the inference rows of --only graphs")
     p.add_argument("--toy", action="store_true", help="CPU, tiny model, 64 px, 4 frames, 2 steps, aot_eager compile: a smoke test")
     p.add_argument("--no-probe", action="store_true", help="skip the second-process warm-cache compile probe")
     p.add_argument("--op-counts", action="store_true", help="ops per stage-2 step (profiler), today vs now vs plain")
@@ -637,7 +747,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         if "--frames" not in (argv if argv is not None else sys.argv):
             args.frames = [4]
-        args.size, args.steps, args.warmup, args.only, args.op_counts = 64, 2, 1, "speedups", True
+        args.size, args.steps, args.warmup, args.ddim = 64, 2, 1, 4
+        args.only, args.op_counts = ("speedups", True) if args.only == "all" else (args.only, False)
     if args.compile_probe:
         row = compile_probe(args)
         args.json.write_text(json.dumps(row))
@@ -666,6 +777,15 @@ def main(argv=None) -> int:
             save()
             continue
         row = result["rows"].setdefault(F_, {})
+        if args.only == "graphs":
+            row["graphs"], trained = tuning_graph_rows(comps, F_, args.size, args.warmup, args.steps)
+            save()
+            row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
+            row["inference_graphs"] = inference_graph_rows(comps, F_, args.size, args.ddim, trained)
+            save()
+            if _cuda():
+                torch.cuda.empty_cache()
+            continue
         row["speedups"] = speedups(comps, F_, args.size, args.warmup, args.steps, toy=args.toy, probe=not args.no_probe)
         if args.op_counts:
             row["op_counts"] = op_counts(comps, F_, args.size)
@@ -687,7 +807,7 @@ def main(argv=None) -> int:
         editor = Editor(comps, cache_dir=Path(tempfile.mkdtemp(prefix="eym-bench-tuned-")), disable_progress=True)
         result["full_edit"] = []
         for F_ in args.full_edit:
-            r = full_edit(editor, F_, args.size, {})
+            r = full_edit(editor, F_, args.size, {}, re_edit=True)
             result["full_edit"].append(r)
             print("full edit:", json.dumps(r), flush=True)
             save()
@@ -699,6 +819,14 @@ def main(argv=None) -> int:
 def print_summary(result: dict) -> None:
     print(f"\n{result['device']} | torch {result['torch']} | {result['size']}px | {result['date']}")
     for F_, row in result["rows"].items():
+        if "graphs" in row:
+            plain = row["graphs"]["plain"]["s_per_step"]
+            print(f"\nF={F_} CUDA graphs: | row | s/step | vs plain | setup s | loss rel diff | update rel diff |\n|---|---|---|---|---|---|")
+            for name, r in row["graphs"].items():
+                print(f"| {name} | {r['s_per_step']:.4f} | {r['s_per_step'] / plain:.3f} | {r.get('setup_s', math.nan):.2f} | "
+                      f"{r.get('max_loss_rel_diff', math.nan):.2e} | {r.get('update_rel_diff', math.nan):.2e} |")
+            for name, r in row.get("inference_graphs", {}).items():
+                print(f"| inference {name} | {json.dumps({k: round(v, 4) for k, v in r.items()})} |")
         if "speedups" in row:
             print(f"\nF={F_} stage 2: | row | s/step | vs plain | first step s | loss rel diff | update rel diff |\n|---|---|---|---|---|---|")
             for name, r in row["speedups"].items():

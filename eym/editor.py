@@ -68,6 +68,7 @@ class InferConfig:
     retarget: bool = True  # fit the reference skeletons to the source person's size and position
     controlnet_scale: float = 1.0  # strength of the ControlNet residuals
     decode_chunk: int = 8  # frames per VAE encode/decode call (memory)
+    cuda_graphs: bool = True  # on CUDA, replay inversion's and sampling's model calls as CUDA graphs (same result)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -470,7 +471,7 @@ class Editor:
         latents = encode_video(c.vae, np.asarray(source.frames), chunk=config.decode_chunk).float()  # (1, 4, F, h, w)
         invert_fn = make_eps_fn(
             c.unet, c.controlnet, prompt_embeds=embeds.source, control_images=np.asarray(source.skeletons)[None],
-            num_frames=len(source.frames), controlnet_scale=config.controlnet_scale,
+            num_frames=len(source.frames), controlnet_scale=config.controlnet_scale, cuda_graphs=config.cuda_graphs,
         )
         timesteps = ddim_timesteps(c.scheduler, config.ddim_steps)
         z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=c.scheduler, callback=callback, disable=self.disable_progress)[-1]
@@ -494,7 +495,7 @@ class Editor:
             c.unet, c.controlnet, prompt_embeds=torch.cat([embeds.source, embeds.target]),  # (2, 77, D)
             control_images=np.stack([np.asarray(source.skeletons), skeletons]),
             num_frames=len(source.frames), guidance_scale=config.guidance_scale, negative_embeds=embeds.negative,
-            controlnet_scale=config.controlnet_scale,
+            controlnet_scale=config.controlnet_scale, cuda_graphs=config.cuda_graphs,
         )
         return sample_two_branch(
             branch_fn, z_T, timesteps, scheduler=c.scheduler, inject_steps=config.injection.steps(len(timesteps)),

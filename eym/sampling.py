@@ -22,6 +22,7 @@ Notation (code name -> DDIM paper, Song et al. 2021):
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eym.graphs import ForwardGraphs
 from eym.progress import ProgressCallback
 from eym.spacetime import batch_to_frames, frames_to_batch, space_time_kwargs
 
@@ -248,6 +250,7 @@ def make_eps_fn(
     guidance_scale: float = 1.0,
     negative_embeds: torch.Tensor | None = None,
     controlnet_scale: float = 1.0,
+    cuda_graphs: bool = False,
 ) -> EpsFn:
     """Build ``eps_fn(latents, t, inject_from)`` from an inflated UNet and a 2D ControlNet.
 
@@ -268,6 +271,9 @@ def make_eps_fn(
             injection sources are remapped into each half explicitly.
         negative_embeds: ``(B or 1, 77, D)`` unconditional embeddings; required if w > 1.
         controlnet_scale: multiplies the ControlNet residuals.
+        cuda_graphs: on a CUDA device, replay the model call as CUDA graphs, one per injection
+            pattern (:class:`eym.graphs.ForwardGraphs`); the attention processors installed
+            when ``eps_fn`` is first called must stay installed while it is used.
 
     Returns:
         The callable; the latents are cast to the UNet's dtype only for the model call, and eps
@@ -300,18 +306,29 @@ def make_eps_fn(
         x = frames_to_batch(x)  # (B'*F, C, h, w)
         # a device tensor made on the device: an int would become a blocking host-to-device copy
         t = torch.full((), int(t), dtype=torch.long, device=device) if not torch.is_tensor(t) else t
-        down, mid = controlnet(
-            x, t, encoder_hidden_states=embeds, controlnet_cond=cond, conditioning_scale=controlnet_scale, return_dict=False
-        )
-        eps = unet(
-            x, t, encoder_hidden_states=embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-            cross_attention_kwargs=space_time_kwargs(num_frames, inject_from),
-        ).sample
+        call = functools.partial(model_call, inject_from=inject_from)
+        if graphs is not None:
+            eps = graphs(None if inject_from is None else tuple(inject_from), call, x, t)
+        else:
+            eps = call(x, t)
         eps = batch_to_frames(eps, num_frames)  # (B', C, F, h, w)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # classifier-free guidance
-        return eps.float()  # the DDIM update runs in fp32 (a bf16 latent state drifts)
+        # the DDIM update runs in fp32 (a bf16 latent state drifts); a copy, never a graph's buffer
+        return eps.to(torch.float32, copy=True)
+
+    def model_call(x: torch.Tensor, t: torch.Tensor, *, inject_from: Sequence[int] | None) -> torch.Tensor:
+        """ControlNet, then the space-time UNet: eps for the (B'*F, C, h, w) frames."""
+        down, mid = controlnet(
+            x, t, encoder_hidden_states=embeds, controlnet_cond=cond, conditioning_scale=controlnet_scale, return_dict=False
+        )
+        return unet(
+            x, t, encoder_hidden_states=embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            cross_attention_kwargs=space_time_kwargs(num_frames, inject_from),
+        ).sample
+
+    graphs = ForwardGraphs() if (cuda_graphs and device.type == "cuda") else None
 
     logger.debug("eps_fn: %d videos x %d frames per UNet call, guidance %.2f", videos, num_frames, guidance_scale)
     return eps_fn

@@ -31,6 +31,7 @@ resumes from there, and the result equals that of an uninterrupted run with the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 
 from eym.cache import atomic_write_bytes, stable_hash
 from eym.compile import compiled_regions
+from eym.graphs import GRAPH_MIN_STEPS, can_graph_training, graph_training_call
 from eym.config import to_dict
 from eym.errors import EymError
 from eym.validate import check_ranges
@@ -76,6 +78,7 @@ class TuneConfig:
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, written on a background thread); 0 turns them off
     compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
+    cuda_graphs: bool = True  # replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -97,7 +100,7 @@ class TuneConfig:
     def result_key(self) -> dict:
         """The settings that change the tuned tensors (cache key); bookkeeping ones are left out."""
         settings = to_dict(self)
-        for name in ("checkpoint_every", "gradient_checkpointing", "compile"):  # same result either way (to rounding)
+        for name in ("checkpoint_every", "gradient_checkpointing", "compile", "cuda_graphs"):  # same result either way (to rounding)
             settings.pop(name)
         return settings
 
@@ -353,6 +356,7 @@ def train_stage(
     controlnet.requires_grad_(False)
     params = trainable_parameters(unet, stage)
     bar = None
+    graphs = False  # whether this stage replays CUDA graphs (decided once the loop is set up)
     stack = contextlib.ExitStack()
     writer = CheckpointWriter()
     try:
@@ -379,6 +383,17 @@ def train_stage(
         unet.train()
         bar = tqdm(total=total, initial=step, desc=f"tuning {name}", disable=disable, leave=False)
         pending: dict | None = None  # the last step's record; its loss is read one step late
+
+        def model_call(z_t: torch.Tensor, t: torch.Tensor, control: torch.Tensor, *trainables: torch.Tensor) -> torch.Tensor:
+            """eps_theta of step 3; ``trainables`` (unused here) let a CUDA graph return their gradients."""
+            return predict_noise(unet, controlnet, z_t, t, embeds, control)
+
+        graphs = (
+            config.cuda_graphs
+            and can_graph_training(device, checkpointing=checkpointing, scaler=accelerator.scaler, compiled=config.compile)
+            and total - step > GRAPH_MIN_STEPS
+        )
+        graphed = False
 
         def flush() -> None:
             """Read the pending step's loss (a device sync), check it, log it."""
@@ -414,9 +429,10 @@ def train_stage(
             z_t = scheduler.add_noise(z_0, noise, t)
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(z_0, noise, t)
 
-            # 3. predict the noise: frozen ControlNet residuals (no grad), space-time UNet (grad)
+            # 3. predict the noise: frozen ControlNet residuals (no grad), space-time UNet (grad);
+            #    after the first step, as CUDA graphs where the stage allows (eym.graphs)
             with accelerator.autocast():
-                eps_pred = predict_noise(unet, controlnet, z_t, t, embeds, control)  # (1, 4, F, h, w)
+                eps_pred = model_call(z_t, t, control)  # (1, 4, F, h, w)
 
             # 4. the stage's loss: L_rec (Eq. 13) or (1 - lambda) L_noise + lambda L_rec (Eq. 15)
             if stage == 1:
@@ -431,6 +447,15 @@ def train_stage(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if graphs and not graphed:  # one eager step has settled shapes, lazy inits and AdamW's state
+                graphed = True
+                try:
+                    with accelerator.autocast():
+                        model_call = graph_training_call(model_call, (z_t, t, control), list(params.values()))
+                except RuntimeError as e:  # a driver or an op that cannot be captured: the stage stays eager
+                    logger.warning("%s: CUDA graph capture failed, tuning goes on without graphs: %s", name, e)
+                    gc.collect()  # the failed capture's pool
+                    torch.cuda.empty_cache()
 
             # 6. log the previous step (reading a loss waits for the GPU; one step late, the GPU
             #    already has this step queued and never idles), checkpoint, report
@@ -464,6 +489,12 @@ def train_stage(
             # place without bumping version counters, and TemporalAttention.is_zero caches on both
             p.data = p.data.to(base_dtype, copy=True)
         stack.close()
+        if graphs:  # the graphs' memory pool goes back before the next stage captures its own
+            # every reference to the graphs: the callable, its output buffer (in their pool), the
+            # last loss (its autograd graph holds the graphed Function's node)
+            model_call = eps_pred = loss = parts = None
+            gc.collect()  # the graphed autograd Function sits in a reference cycle
+            torch.cuda.empty_cache()
     return _snapshot(params)
 
 
@@ -547,9 +578,14 @@ def _accelerator(setting: str, device: torch.device):
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import AutocastKwargs
 
     mixed_precision = resolve_mixed_precision(setting, device)
-    kwargs = {"mixed_precision": mixed_precision, "cpu": device.type == "cpu", "device_placement": False}
+    kwargs = {
+        "mixed_precision": mixed_precision, "cpu": device.type == "cpu", "device_placement": False,
+        # no cast cache: a CUDA graph cannot capture one, and each weight is cast once per step anyway
+        "kwargs_handlers": [AutocastKwargs(cache_enabled=False)],
+    }
     try:
         return Accelerator(**kwargs)
     except ValueError:

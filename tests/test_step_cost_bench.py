@@ -41,3 +41,22 @@ def test_step_cost_toy_runs_every_speedup_row_with_its_check(tmp_path):
     # the lean loop and the fused temporal attention launch fewer ops than before
     assert counts["eym stage 2 lean + fused"]["all"] < counts["eym stage 2 (today)"]["all"]
     assert counts["eym stage 2 lean + fused"]["aten::copy_"] < counts["eym stage 2 (today)"]["aten::copy_"]
+
+
+def test_step_cost_toy_graph_rows_run_and_check_themselves(tmp_path):
+    # on the CPU the graphed rows run eagerly (no CUDA): the rows and their checks must still be
+    # there, equal to the eager ones, so the GPU run has nothing left to debug
+    out = tmp_path / "graphs.json"
+    env = dict(os.environ, EYM_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "step_cost.py"), "--toy", "--only", "graphs", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"]["4"]
+    assert list(row["graphs"]) == ["stage1 eager", "stage1 graphed", "stage2 eager", "stage2 graphed", "plain"]
+    for name in ("stage1 graphed", "stage2 graphed"):
+        assert row["graphs"][name]["max_loss_rel_diff"] == 0 and row["graphs"][name]["update_rel_diff"] == 0, name
+    inference = row["inference_graphs"]
+    assert set(inference) == {"eager", "graphed"}
+    assert inference["graphed"]["z_T_rel_diff"] == 0 and inference["graphed"]["sampled_rel_diff"] == 0
+    assert inference["eager"]["sampling_s"] > 0
+    assert "CUDA graphs: | row |" in done.stdout

@@ -1,0 +1,152 @@
+"""CUDA graphs of the tuning step's model call (eym.tuning.graph_model_call).
+
+On the CPU: when a stage may replay graphs, and that what capture needs (an autocast without a
+cast cache) is what the loop runs with. On a CUDA device (``-m gpu``, run on the GPU machine):
+a graphed stage trains the same tensors as the eager one, the graph is really used, and its
+memory goes back when the stage ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from eym.graphs import GRAPH_MIN_STEPS, ForwardGraphs, can_graph_training
+from eym.tuning import TuneConfig, TuningData, _accelerator, init_temporal_attention, train_stage
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "device, checkpointing, scaler, compiled, expected",
+    [
+        (CUDA, False, None, False, True),
+        (torch.device("cpu"), False, None, False, False),
+        (CUDA, True, None, False, False),  # checkpointing recomputes inside backward
+        (CUDA, False, object(), False, False),  # fp16's GradScaler reads the device for infs
+        (CUDA, False, None, True, False),  # dynamo's guards run on the host
+    ],
+)
+def test_when_a_stage_may_replay_graphs(device, checkpointing, scaler, compiled, expected):
+    assert can_graph_training(device, checkpointing=checkpointing, scaler=scaler, compiled=compiled) is expected
+
+
+def test_graphs_do_not_change_the_cache_key():
+    assert TuneConfig(cuda_graphs=False).result_key() == TuneConfig().result_key()
+
+
+def test_the_loop_autocast_has_no_cast_cache():
+    # make_graphed_callables refuses an autocast with a cast cache; the loop must run without one
+    accelerator = _accelerator("bf16", torch.device("cpu"))
+    with accelerator.autocast():
+        assert torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_cache_enabled()
+
+
+# ---------------------------------------------------------------------------------------------
+# on a CUDA device
+# ---------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_data(F: int = 6, size: int = 64, seed: int = 0) -> TuningData:
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, F, size // 8, size // 8, generator=g)
+    data = TuningData(
+        latents=latents,
+        masked_latents=0.5 * latents,
+        control_images=torch.rand(F, 3, size, size, generator=g),
+        content_embeds=torch.randn(1, 77, 32, generator=g),
+        source_embeds=torch.randn(1, 77, 32, generator=g),
+    )
+    return TuningData(**{k: v.to("cuda", torch.bfloat16) for k, v in vars(data).items()})
+
+
+@pytest.fixture
+def cuda_components(tiny_bundle):
+    from eym.models import load_components
+    from eym.spacetime import inflate
+
+    c = load_components(str(tiny_bundle), device="cuda")
+    inflate(c.unet)
+    return c
+
+
+def _run_stage(c, stage: int, data: TuningData, config: TuneConfig, start: dict, monkeypatch) -> tuple[dict, list, int]:
+    """Train one stage from ``start``; returns (trained tensors, losses, successful graph captures)."""
+    import eym.tuning as tuning
+
+    captured = []
+    real = tuning.graph_training_call
+
+    def spy(*args, **kwargs):
+        graphed = real(*args, **kwargs)  # a failed capture raises (tuning then goes on eagerly): not counted
+        captured.append(1)
+        return graphed
+
+    monkeypatch.setattr(tuning, "graph_training_call", spy)
+    with torch.no_grad():
+        for name, p in c.unet.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+    history: list = []
+    tensors = train_stage(stage, c.unet, c.controlnet, c.scheduler, data, config, log_fn=history.append, disable=True)
+    return tensors, [r["loss"] for r in history], len(captured)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_graphed_stage_trains_what_the_eager_one_trains(cuda_components, stage, monkeypatch):
+    c = cuda_components
+    init_temporal_attention(c.unet, 0)
+    start = {n: p.detach().clone() for n, p in c.unet.named_parameters()}
+    data = _cuda_data()
+    steps = GRAPH_MIN_STEPS + 6
+    config = TuneConfig(steps1=steps, steps2=steps, checkpoint_every=0, gradient_checkpointing=False)
+    eager, eager_losses, n_eager = _run_stage(c, stage, data, dataclasses.replace(config, cuda_graphs=False), start, monkeypatch)
+    torch.cuda.synchronize()
+    reserved_before = torch.cuda.memory_reserved()
+    graphed, graphed_losses, n_graphed = _run_stage(c, stage, data, config, start, monkeypatch)
+    torch.cuda.synchronize()
+    assert (n_eager, n_graphed) == (0, 1)
+    assert len(graphed_losses) == len(eager_losses) == steps
+    # the same kernels on the same numbers: equal to bf16 rounding at most
+    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-5)
+    for name in eager:
+        moved = (eager[name].float() - start[name].cpu().float()).norm()
+        diff = (graphed[name].float() - eager[name].float()).norm()
+        assert diff <= 1e-2 * moved + 1e-6, f"{name}: graphed differs by {diff:.3g}, the update is {moved:.3g}"
+    # the graphs' pool went back when the stage ended
+    assert torch.cuda.memory_reserved() <= reserved_before + 64 * 2**20
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_short_stage_is_not_graphed(cuda_components, monkeypatch):
+    c = cuda_components
+    start = {n: p.detach().clone() for n, p in c.unet.named_parameters()}
+    config = TuneConfig(steps1=GRAPH_MIN_STEPS, steps2=GRAPH_MIN_STEPS, checkpoint_every=0, gradient_checkpointing=False)
+    _, losses, captured = _run_stage(c, 1, _cuda_data(), config, start, monkeypatch)
+    assert captured == 0 and len(losses) == GRAPH_MIN_STEPS
+
+
+@pytest.mark.gpu
+@gpu
+def test_forward_graphs_replay_the_call_per_key():
+    w = torch.randn(64, 64, device="cuda")
+    calls = []
+
+    def fn(x, scale):
+        calls.append(1)  # runs on the host only while warming up and capturing
+        return torch.tanh(x @ w) * scale
+
+    graphs = ForwardGraphs()
+    for i in range(4):
+        x, scale = torch.randn(8, 64, device="cuda"), torch.full((), float(i), device="cuda")
+        key = "double" if i % 2 else "plain"
+        out = graphs(key, fn, x, scale * (2 if key == "double" else 1))
+        torch.testing.assert_close(out, torch.tanh(x @ w) * scale * (2 if key == "double" else 1))
+    assert len(graphs) == 2 and len(calls) == 4  # two keys: one warm-up and one capture each, then replays
