@@ -726,6 +726,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--full-edit", type=int, nargs="*", default=[])
+    p.add_argument("--re-edit", type=int, nargs="*", default=[],
+                   help="frame counts: tune briefly (20 + 20 steps), then time the two re-edits of --full-edit")
     p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--skip-temporal-alone", action="store_true")
@@ -803,14 +805,15 @@ def main(argv=None) -> int:
         save()
         if _cuda():
             torch.cuda.empty_cache()
-    if args.full_edit:
+    if args.full_edit or args.re_edit:
         editor = Editor(comps, cache_dir=Path(tempfile.mkdtemp(prefix="eym-bench-tuned-")), disable_progress=True)
-        result["full_edit"] = []
-        for F_ in args.full_edit:
-            r = full_edit(editor, F_, args.size, {}, re_edit=True)
-            result["full_edit"].append(r)
-            print("full edit:", json.dumps(r), flush=True)
-            save()
+        for key, frames, overrides in (("full_edit", args.full_edit, {}), ("re_edit", args.re_edit, {"steps1": 20, "steps2": 20})):
+            for F_ in frames:
+                r = full_edit(editor, F_, args.size, overrides, re_edit=True)
+                r["memory_reserved_gb_after"] = torch.cuda.memory_reserved() / 2**30 if _cuda() else math.nan
+                result.setdefault(key, []).append(r)
+                print(f"{key}:", json.dumps(r), flush=True)
+                save()
     save()
     print_summary(result)
     return 0

@@ -78,7 +78,7 @@ class TuneConfig:
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, written on a background thread); 0 turns them off
     compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
-    cuda_graphs: bool = True  # replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile)
+    cuda_graphs: bool = False  # opt-in: replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile); docs/PERFORMANCE.md says why it is off
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -393,7 +393,7 @@ def train_stage(
             and can_graph_training(device, checkpointing=checkpointing, scaler=accelerator.scaler, compiled=config.compile)
             and total - step > GRAPH_MIN_STEPS
         )
-        graphed = False
+        graphed, first_step = False, step
 
         def flush() -> None:
             """Read the pending step's loss (a device sync), check it, log it."""
@@ -430,7 +430,12 @@ def train_stage(
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(z_0, noise, t)
 
             # 3. predict the noise: frozen ControlNet residuals (no grad), space-time UNet (grad);
-            #    after the first step, as CUDA graphs where the stage allows (eym.graphs)
+            #    after one eager step (it settles lazy inits and AdamW's state), as CUDA graphs
+            #    where the stage allows (eym.graphs)
+            if graphs and not graphed and step > first_step:
+                eps_pred = loss = parts = None  # the eager step's autograd graph must be gone (see _captured)
+                model_call = _captured(name, model_call, (z_t, t, control), list(params.values()), accelerator)
+                graphed = True
             with accelerator.autocast():
                 eps_pred = model_call(z_t, t, control)  # (1, 4, F, h, w)
 
@@ -447,15 +452,6 @@ def train_stage(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if graphs and not graphed:  # one eager step has settled shapes, lazy inits and AdamW's state
-                graphed = True
-                try:
-                    with accelerator.autocast():
-                        model_call = graph_training_call(model_call, (z_t, t, control), list(params.values()))
-                except RuntimeError as e:  # a driver or an op that cannot be captured: the stage stays eager
-                    logger.warning("%s: CUDA graph capture failed, tuning goes on without graphs: %s", name, e)
-                    gc.collect()  # the failed capture's pool
-                    torch.cuda.empty_cache()
 
             # 6. log the previous step (reading a loss waits for the GPU; one step late, the GPU
             #    already has this step queued and never idles), checkpoint, report
@@ -496,6 +492,22 @@ def train_stage(
             gc.collect()  # the graphed autograd Function sits in a reference cycle
             torch.cuda.empty_cache()
     return _snapshot(params)
+
+
+def _captured(stage: str, model_call: Callable, sample_args: tuple, trainables: list, accelerator) -> Callable:
+    """``model_call`` as CUDA graphs, or unchanged if the capture fails (the stage then stays eager).
+
+    Called between steps, when the previous step's autograd graph is gone: its gradient
+    accumulators were made on the default stream, and capture must make its own.
+    """
+    try:
+        with accelerator.autocast():
+            return graph_training_call(model_call, sample_args, trainables)
+    except RuntimeError as e:  # a driver or an op that cannot be captured
+        logger.warning("%s: CUDA graph capture failed, tuning goes on without graphs: %s", stage, e)
+        gc.collect()  # the failed capture's pool
+        torch.cuda.empty_cache()
+        return model_call
 
 
 @contextlib.contextmanager
