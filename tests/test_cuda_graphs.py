@@ -107,11 +107,14 @@ def test_a_graphed_stage_trains_what_the_eager_one_trains(cuda_components, stage
     steps = GRAPH_MIN_STEPS + 6
     config = TuneConfig(steps1=steps, steps2=steps, checkpoint_every=0, gradient_checkpointing=False, cuda_graphs=True)
     eager, eager_losses, n_eager = _run_stage(c, stage, data, dataclasses.replace(config, cuda_graphs=False), start, monkeypatch)
-    torch.cuda.synchronize()
-    reserved_before = torch.cuda.memory_reserved()
     graphed, graphed_losses, n_graphed = _run_stage(c, stage, data, config, start, monkeypatch)
     torch.cuda.synchronize()
-    assert (n_eager, n_graphed) == (0, 1)
+    # the first graphed stage may keep what any new stream keeps (cuBLAS workspaces of the capture
+    # stream: 76 -> 204 MiB reserved on an H200); a second one must add nothing, or each job leaks
+    reserved_before = torch.cuda.memory_reserved()
+    again, _, n_again = _run_stage(c, stage, data, config, start, monkeypatch)
+    torch.cuda.synchronize()
+    assert (n_eager, n_graphed, n_again) == (0, 1, 1)
     assert len(graphed_losses) == len(eager_losses) == steps
     # the same kernels on the same numbers: equal to bf16 rounding at most
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-5)
@@ -119,6 +122,8 @@ def test_a_graphed_stage_trains_what_the_eager_one_trains(cuda_components, stage
         moved = (eager[name].float() - start[name].cpu().float()).norm()
         diff = (graphed[name].float() - eager[name].float()).norm()
         assert diff <= 1e-2 * moved + 1e-6, f"{name}: graphed differs by {diff:.3g}, the update is {moved:.3g}"
+    for name in graphed:  # replaying is deterministic up to the attention backward's own spread
+        torch.testing.assert_close(again[name], graphed[name], rtol=0, atol=1e-2 * float(graphed[name].abs().max()) + 1e-6)
     # the graphs' pool went back when the stage ended
     reserved_after = torch.cuda.memory_reserved()
     assert reserved_after <= reserved_before + 64 * 2**20, f"reserved {reserved_before / 2**20:.0f} -> {reserved_after / 2**20:.0f} MiB"
