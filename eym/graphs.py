@@ -54,11 +54,18 @@ def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], tra
     returns their gradients. Each call copies its arguments into the captured buffers; the
     output is the graph's own buffer, overwritten by the next call.
     """
+    device = sample_args[0].device
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get a pool of their own
     # three warm-up calls on the capture's own stream, as torch advises: lazy initialisation
     # (cuBLAS workspaces, attention plans) must not happen inside the capture
-    graphed = torch.cuda.make_graphed_callables(fn, (*sample_args, *trainables), num_warmup_iters=3, **_THREAD_LOCAL)
-    return lambda *args: graphed(*args, *trainables)
+    with torch.cuda.device(device):  # capture on the model's card, which need not be the current one
+        graphed = torch.cuda.make_graphed_callables(fn, (*sample_args, *trainables), num_warmup_iters=3, **_THREAD_LOCAL)
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(device):  # replay on the stream of the model's card (backward: autograd's thread for it)
+            return graphed(*args, *trainables)
+
+    return call
 
 
 class ForwardGraphs:
@@ -88,10 +95,15 @@ class ForwardGraphs:
         graph, inputs, output = self._graphs[key]
         for buffer, value in zip(inputs, args):
             buffer.copy_(value)
-        graph.replay()
+        with torch.cuda.device(inputs[0].device):  # replay on the stream of the model's card
+            graph.replay()
         return output
 
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
+        with torch.cuda.device(args[0].device):  # the model's card, which need not be the current one
+            return self._capture_here(fn, args)
+
+    def _capture_here(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
         inputs = [a.clone() for a in args]  # outside the pool: never reused by a graph's temporaries
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -158,3 +158,15 @@ def test_forward_graphs_replay_the_call_per_key():
         out = graphs(key, fn, x, scale * (2 if key == "double" else 1))
         torch.testing.assert_close(out, torch.tanh(x @ w) * scale * (2 if key == "double" else 1))
     assert len(graphs) == 2 and len(calls) == 4  # two keys: one warm-up and one capture each, then replays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_forward_graphs_on_a_card_that_is_not_the_current_one():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=g).to("cuda:1")
+    graphs = ForwardGraphs()
+    assert torch.cuda.current_device() == 0
+    for _ in range(3):
+        x = torch.randn(4, 32, generator=g).to("cuda:1")
+        torch.testing.assert_close(graphs("k", lambda a: a @ w, x), x @ w)
