@@ -34,7 +34,21 @@ _THREAD_LOCAL = (
     {"capture_error_mode": "thread_local"}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {}
 )
-GRAPH_MIN_STEPS = 10  # a loop with fewer calls left than this runs eagerly: capture would cost more than it saves
+GRAPH_MIN_STEPS = 10
+# Cache of the cards where a capture failed in this process, keyed by device name: a failed
+# capture can leave CUDA state behind (a private pool, the generator's capture mark), so the
+# process does not try again there; every later call on that card runs eagerly.
+_CAPTURE_FAILED: set[str] = set()
+
+
+def capture_failed(device: torch.device) -> bool:
+    """Whether a capture already failed on ``device`` in this process (then graphs are not tried)."""
+    return str(device) in _CAPTURE_FAILED
+
+
+def _record_failure(device: torch.device, error: Exception) -> None:
+    _CAPTURE_FAILED.add(str(device))
+    logger.warning("CUDA graph capture failed on %s; this process runs the model there without graphs: %s", device, error)  # a loop with fewer calls left than this runs eagerly: capture would cost more than it saves
 
 
 def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, compiled: bool) -> bool:
@@ -43,7 +57,7 @@ def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, com
     Not with gradient checkpointing (it recomputes inside backward), a GradScaler (fp16: its inf
     check reads the device) or a compiled region (dynamo's guards run on the host).
     """
-    return device.type == "cuda" and not checkpointing and scaler is None and not compiled
+    return device.type == "cuda" and not checkpointing and scaler is None and not compiled and not capture_failed(device)
 
 
 def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], trainables: list[torch.Tensor]) -> Callable:
@@ -58,8 +72,12 @@ def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], tra
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get a pool of their own
     # three warm-up calls on the capture's own stream, as torch advises: lazy initialisation
     # (cuBLAS workspaces, attention plans) must not happen inside the capture
-    with torch.cuda.device(device):  # capture on the model's card, which need not be the current one
-        graphed = torch.cuda.make_graphed_callables(fn, (*sample_args, *trainables), num_warmup_iters=3, **_THREAD_LOCAL)
+    try:
+        with torch.cuda.device(device):  # capture on the model's card, which need not be the current one
+            graphed = torch.cuda.make_graphed_callables(fn, (*sample_args, *trainables), num_warmup_iters=3, **_THREAD_LOCAL)
+    except RuntimeError as e:
+        _record_failure(device, e)
+        raise
 
     def call(*args: torch.Tensor) -> torch.Tensor:
         with torch.cuda.device(device):  # replay on the stream of the model's card (backward: autograd's thread for it)
@@ -83,13 +101,13 @@ class ForwardGraphs:
         self.failed = False  # a capture failed: every call runs eagerly from then on
 
     def __call__(self, key: Hashable, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-        if self.failed:
+        if self.failed or capture_failed(args[0].device):
             return fn(*args)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(fn, args)
             except RuntimeError as e:  # a driver or an op that cannot be captured
-                logger.warning("CUDA graph capture failed, the model runs without graphs: %s", e)
+                _record_failure(args[0].device, e)
                 self.failed = True
                 return fn(*args)
         graph, inputs, output = self._graphs[key]

@@ -503,8 +503,8 @@ def _captured(stage: str, model_call: Callable, sample_args: tuple, trainables: 
     try:
         with accelerator.autocast():
             return graph_training_call(model_call, sample_args, trainables)
-    except RuntimeError as e:  # a driver or an op that cannot be captured
-        logger.warning("%s: CUDA graph capture failed, tuning goes on without graphs: %s", stage, e)
+    except RuntimeError as e:  # a driver or an op that cannot be captured (eym.graphs records the card)
+        logger.warning("%s: tuning goes on without CUDA graphs: %s", stage, e)
         gc.collect()  # the failed capture's pool
         torch.cuda.empty_cache()
         return model_call

@@ -170,3 +170,25 @@ def test_forward_graphs_on_a_card_that_is_not_the_current_one():
     for _ in range(3):
         x = torch.randn(4, 32, generator=g).to("cuda:1")
         torch.testing.assert_close(graphs("k", lambda a: a @ w, x), x @ w)
+
+
+def test_a_failed_capture_runs_eagerly_and_is_not_tried_again_on_that_card(monkeypatch):
+    import eym.graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "_CAPTURE_FAILED", set())
+    attempts = []
+
+    def failing_capture(self, fn, args):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ForwardGraphs, "_capture", failing_capture)
+    x = torch.arange(6.0).reshape(2, 3)
+    first = ForwardGraphs()
+    torch.testing.assert_close(first("k", lambda a: a * 2, x), x * 2)  # the eager result, no exception
+    assert first.failed and graphs_module.capture_failed(x.device)
+    # a later job on the same card (a new ForwardGraphs, a tuning stage) does not try again
+    torch.testing.assert_close(ForwardGraphs()("k", lambda a: a + 1, x), x + 1)
+    assert len(attempts) == 1
+    assert not can_graph_training(x.device, checkpointing=False, scaler=None, compiled=False)
+    assert not graphs_module.capture_failed(torch.device("cuda:7"))
