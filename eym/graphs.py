@@ -34,7 +34,7 @@ _THREAD_LOCAL = (
     {"capture_error_mode": "thread_local"}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {}
 )
-GRAPH_MIN_STEPS = 10
+GRAPH_MIN_STEPS = 10  # a loop with fewer calls left than this runs eagerly: capture would cost more than it saves
 # Cache of the cards where a capture failed in this process, keyed by device name: a failed
 # capture can leave CUDA state behind (a private pool, the generator's capture mark), so the
 # process does not try again there; every later call on that card runs eagerly.
@@ -48,7 +48,7 @@ def capture_failed(device: torch.device) -> bool:
 
 def _record_failure(device: torch.device, error: Exception) -> None:
     _CAPTURE_FAILED.add(str(device))
-    logger.warning("CUDA graph capture failed on %s; this process runs the model there without graphs: %s", device, error)  # a loop with fewer calls left than this runs eagerly: capture would cost more than it saves
+    logger.warning("CUDA graph capture failed on %s; this process runs the model there without graphs: %s", device, error)
 
 
 def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, compiled: bool) -> bool:
@@ -119,20 +119,17 @@ class ForwardGraphs:
 
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
         with torch.cuda.device(args[0].device):  # the model's card, which need not be the current one
-            return self._capture_here(fn, args)
-
-    def _capture_here(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
-        inputs = [a.clone() for a in args]  # outside the pool: never reused by a graph's temporaries
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            fn(*inputs)  # warm-up, off the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = fn(*inputs)
+            inputs = [a.clone() for a in args]  # outside the pool: never reused by a graph's temporaries
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                fn(*inputs)  # warm-up, off the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = fn(*inputs)
         return graph, inputs, output
 
     def __len__(self) -> int:

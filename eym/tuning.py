@@ -434,7 +434,7 @@ def train_stage(
             #    where the stage allows (eym.graphs)
             if graphs and not graphed and step > first_step:
                 eps_pred = loss = parts = None  # the eager step's autograd graph must be gone (see _captured)
-                model_call = _captured(name, model_call, (z_t, t, control), list(params.values()), accelerator)
+                model_call = _captured(model_call, (z_t, t, control), list(params.values()), accelerator)
                 graphed = True
             with accelerator.autocast():
                 eps_pred = model_call(z_t, t, control)  # (1, 4, F, h, w)
@@ -494,7 +494,7 @@ def train_stage(
     return _snapshot(params)
 
 
-def _captured(stage: str, model_call: Callable, sample_args: tuple, trainables: list, accelerator) -> Callable:
+def _captured(model_call: Callable, sample_args: tuple, trainables: list, accelerator) -> Callable:
     """``model_call`` as CUDA graphs, or unchanged if the capture fails (the stage then stays eager).
 
     Called between steps, when the previous step's autograd graph is gone: its gradient
@@ -503,8 +503,7 @@ def _captured(stage: str, model_call: Callable, sample_args: tuple, trainables: 
     try:
         with accelerator.autocast():
             return graph_training_call(model_call, sample_args, trainables)
-    except RuntimeError as e:  # a driver or an op that cannot be captured (eym.graphs records the card)
-        logger.warning("%s: tuning goes on without CUDA graphs: %s", stage, e)
+    except RuntimeError:  # a driver or an op that cannot be captured: eym.graphs logs it and records the card
         gc.collect()  # the failed capture's pool
         torch.cuda.empty_cache()
         return model_call
