@@ -10,6 +10,7 @@ Times forward and forward+backward for each backend that accepts the shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {
+    "pytorch": None,  # PyTorch's own choice
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -42,9 +44,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--level", type=int, default=0, help="UNet level: 0 (4096 tokens, 8x40), 1 (1024, 8x80), 2 (256, 8x160)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    heads, d, n = 8, 40, 4096
+    heads, d, n = 8, 40 * 2**args.level, 4096 // 4**args.level
     print(f"| keys | backend | fwd ms | fwd+bwd ms |  (F={args.frames}, {heads}x{d}, N={n}, {args.dtype})")
     print("|---|---|---|---|")
     for mult in (1, 2, 4):
@@ -54,7 +57,7 @@ def main() -> None:
         ref = None
         for name, backend in BACKENDS.items():
             try:
-                with sdpa_kernel(backend):
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                     out = F.scaled_dot_product_attention(q, k, v)
                     fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v))
                     grad = torch.randn_like(out)

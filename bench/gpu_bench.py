@@ -192,6 +192,17 @@ def bench_ours(editor: Editor, num_frames: int, size: int, steps: int, warmup: i
     return row
 
 
+def step_summary(timer: PhaseTimer) -> dict:
+    """Per phase: its first step (with whatever the phase sets up), the median step, the slowest
+    later step, and what the later steps cost beyond the median (checkpoints, stalls)."""
+    out = {}
+    for phase, ts in timer.steps.items():
+        med = statistics.median(ts[1:]) if len(ts) > 1 else ts[0]
+        out[phase] = {"first_s": ts[0], "median_s": med, "max_later_s": max(ts[1:], default=0.0),
+                      "beyond_median_s": sum(t - med for t in ts[1:] if t > med), "steps": len(ts)}
+    return out
+
+
 def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict, *, re_edit: bool = False) -> dict:
     """Whole tune (defaults: 300 + 300) + infer (defaults: 50 DDIM steps), excluding preprocessing.
 
@@ -211,7 +222,8 @@ def full_edit(editor: Editor, num_frames: int, size: int, tune_overrides: dict, 
     from eym.tuning import needs_gradient_checkpointing
 
     ckpt = needs_gradient_checkpointing((1, 4, num_frames, size // 8, size // 8), editor.components.device) if _cuda() else False
-    row = {"frames": num_frames, "wall_s": wall, "gradient_checkpointing": ckpt, "phase_s": timer.totals, "peak_gb": timer.peak_gb}
+    row = {"frames": num_frames, "wall_s": wall, "gradient_checkpointing": ckpt, "phase_s": timer.totals, "peak_gb": timer.peak_gb,
+           "tune_overrides": tune_overrides, "steps": step_summary(timer)}
     if re_edit:
         other = synthetic_clip(num_frames, size, seed=4007 + num_frames)
         for name, keep_inversion in (("re_edit_cached_inversion", True), ("re_edit_fresh_inversion", False)):

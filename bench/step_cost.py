@@ -34,6 +34,7 @@ Usage (a CUDA machine; a CPU run is a smoke test of the script only):
     python bench/step_cost.py --frames 8 24 --json out.json
     python bench/step_cost.py --frames 8 24 --only speedups --json out.json   # the speed-up rows alone
     python bench/step_cost.py --frames 8 24 --only graphs --full-edit 8 --json out.json   # CUDA graphs, whole edit
+    python bench/step_cost.py --frames 8 24 --only attention --json out.json   # PyTorch's attention kernel vs cuDNN's
     python bench/step_cost.py --frames 24 --memcap-gb 24 --memory-only     # a 24 GB card
     python bench/step_cost.py --toy --json out.json    # CPU, tiny model, seconds: tests the script
 """
@@ -449,8 +450,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int) -> tuple[dict, dict]:
-    """eym's stage 1 and 2, eager and graphed, each from the untrained start; (rows, stage 2's trained tensors)."""
+@contextlib.contextmanager
+def attention_kernel(name: str):
+    """SDPA prefers cuDNN's kernel inside the block (``"cudnn"``), or PyTorch's own order (``"pytorch"``, ``"auto"``)."""
+    if name != "cudnn" or not _cuda():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+GRAPH_VARIANTS = ((False, "auto"), (True, "auto"))  # (CUDA graphs, attention kernel) of --only graphs
+KERNEL_VARIANTS = ((False, "pytorch"), (False, "cudnn"), (True, "pytorch"), (True, "cudnn"))  # of --only attention
+
+
+def _variant_name(graphs: bool, attention: str) -> str:
+    return ("graphed" if graphs else "eager") + ("" if attention == "auto" else f" {attention}")
+
+
+def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int, variants=GRAPH_VARIANTS) -> tuple[dict, dict]:
+    """eym's stage 1 and 2 per (graphs, attention) variant, each from the untrained start; the diffs
+    are against the first variant; (rows, stage 2's tensors trained by the last variant)."""
     unet = comps.unet
     init_temporal_attention(unet, 0)
     start = {n: p.detach().clone() for n, p in {**rc_attn_parameters(unet), **temporal_parameters(unet)}.items()}
@@ -458,15 +481,16 @@ def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int) -> tup
     rows, trained = {}, {}
     for stage in (1, 2):
         ref = None
-        for graphs in (False, True):
+        for graphs, attention in variants:
             _assign(unet, start)
             cfg = TuneConfig(steps1=warmup + steps, steps2=warmup + steps, checkpoint_every=0,
                              gradient_checkpointing=False, cuda_graphs=graphs)
             losses: list[float] = []
             timer = PhaseTimer()
             timer.begin()
-            out = train_stage(stage, unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
-                              log_fn=lambda r: losses.append(r["loss"]), disable=True)
+            with attention_kernel(attention):
+                out = train_stage(stage, unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
+                                  log_fn=lambda r: losses.append(r["loss"]), disable=True)
             timer.end()
             ts = timer.steps[f"stage{stage}"]
             per_step = max(statistics.median(ts[warmup:]), sum(ts[warmup:]) / len(ts[warmup:]))
@@ -481,18 +505,19 @@ def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int) -> tup
                 row["max_loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[1]))
                 row["update_rel_diff"] = float(sum((update[n] - ref[0][n]).square().sum() for n in update).sqrt()
                                                / sum(ref[0][n].square().sum() for n in update).sqrt().clamp_min(1e-30))
-            name = f"stage{stage} {'graphed' if graphs else 'eager'}"
+            name = f"stage{stage} {_variant_name(graphs, attention)}"
             rows[name] = row
             print(f"  F={F_} {name}: {per_step:.4f} s/step, setup {row['setup_s']:.2f} s, peak {row['peak_gb']:.1f} GB, "
                   f"diff {row.get('max_loss_rel_diff', 0):.1e} / {row.get('update_rel_diff', 0):.1e}", flush=True)
-            if stage == 2 and graphs:
+            if stage == 2:
                 trained = out
     _assign(unet, start)
     return rows, trained
 
 
-def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict) -> dict:
-    """Inversion and two-branch sampling (injection at every layer and step), eager and graphed, on tuned weights."""
+def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict, variants=GRAPH_VARIANTS) -> dict:
+    """Inversion and two-branch sampling (injection at every layer and step) per (graphs, attention)
+    variant, on tuned weights; the diffs are against the first variant."""
     from eym.injection import InjectionSchedule
     from eym.sampling import ddim_invert, ddim_timesteps, make_eps_fn, sample_two_branch
     from eym.spacetime import injection_processors
@@ -508,14 +533,14 @@ def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict) ->
     rows, ref = {}, None
     try:
         with attention_processors(unet, injection_processors(unet, InjectionSchedule(), "paper")):
-            for graphs in (False, True):
+            for graphs, attention in variants:
                 invert_fn = make_eps_fn(unet, comps.controlnet, prompt_embeds=emb[:1], control_images=control[:1],
                                         num_frames=F_, cuda_graphs=graphs)
                 branch_fn = make_eps_fn(unet, comps.controlnet, prompt_embeds=emb, control_images=control,
                                         num_frames=F_, cuda_graphs=graphs)
                 timer = PhaseTimer()
                 timer.begin()
-                with torch.no_grad():
+                with torch.no_grad(), attention_kernel(attention):
                     z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)[-1]
                     out = sample_two_branch(branch_fn, z_T, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)
                 timer.end()
@@ -529,7 +554,7 @@ def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict) ->
                     ref = (z_T, out)
                 else:
                     row["z_T_rel_diff"], row["sampled_rel_diff"] = _rel(z_T, ref[0]), _rel(out, ref[1])
-                name = "graphed" if graphs else "eager"
+                name = _variant_name(graphs, attention)
                 rows[name] = row
                 print(f"  F={F_} inference {name} ({ddim} steps): {json.dumps({k: round(v, 4) for k, v in row.items()})}", flush=True)
                 del invert_fn, branch_fn
@@ -728,11 +753,14 @@ def main(argv=None) -> int:
     p.add_argument("--full-edit", type=int, nargs="*", default=[])
     p.add_argument("--re-edit", type=int, nargs="*", default=[],
                    help="frame counts: tune briefly (20 + 20 steps), then time the two re-edits of --full-edit")
+    p.add_argument("--tune", type=json.loads, default={},
+                   help='TuneConfig overrides of the --full-edit runs, as JSON, e.g. \'{"checkpoint_every": 0}\'')
     p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--skip-temporal-alone", action="store_true")
-    p.add_argument("--only", choices=["all", "speedups", "graphs"], default="all",
-                   help="speedups: only the stage-2 speed-up rows and plain; graphs: only the CUDA-graph rows and plain")
+    p.add_argument("--only", choices=["all", "speedups", "graphs", "attention"], default="all",
+                   help="speedups: only the stage-2 speed-up rows and plain; graphs: only the CUDA-graph rows and plain; "
+                        "attention: the graph rows with PyTorch's attention kernel and with cuDNN's")
     p.add_argument("--ddim", type=int, default=20, help="DDIM steps of the inference rows of --only graphs")
     p.add_argument("--toy", action="store_true", help="CPU, tiny model, 64 px, 4 frames, 2 steps, aot_eager compile: a smoke test")
     p.add_argument("--no-probe", action="store_true", help="skip the second-process warm-cache compile probe")
@@ -779,11 +807,15 @@ def main(argv=None) -> int:
             save()
             continue
         row = result["rows"].setdefault(F_, {})
-        if args.only == "graphs":
-            row["graphs"], trained = tuning_graph_rows(comps, F_, args.size, args.warmup, args.steps)
+        if args.only in ("graphs", "attention"):
+            variants = GRAPH_VARIANTS if args.only == "graphs" else KERNEL_VARIANTS
+            row["graphs"], trained = tuning_graph_rows(comps, F_, args.size, args.warmup, args.steps, variants)
             save()
             row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
-            row["inference_graphs"] = inference_graph_rows(comps, F_, args.size, args.ddim, trained)
+            if args.only == "attention":  # the ratio to plain at equal settings: plain with cuDNN's kernel too
+                with attention_kernel("cudnn"):
+                    row["graphs"]["plain cudnn"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
+            row["inference_graphs"] = inference_graph_rows(comps, F_, args.size, args.ddim, trained, variants)
             save()
             if _cuda():
                 torch.cuda.empty_cache()
@@ -807,9 +839,11 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if args.full_edit or args.re_edit:
         editor = Editor(comps, cache_dir=Path(tempfile.mkdtemp(prefix="eym-bench-tuned-")), disable_progress=True)
-        for key, frames, overrides in (("full_edit", args.full_edit, {}), ("re_edit", args.re_edit, {"steps1": 20, "steps2": 20})):
-            for F_ in frames:
-                r = full_edit(editor, F_, args.size, overrides, re_edit=True)
+        for key, frames, overrides in (("full_edit", args.full_edit, args.tune), ("re_edit", args.re_edit, {"steps1": 20, "steps2": 20})):
+            for i, F_ in enumerate(frames):
+                # a frame count given twice tunes twice: another seed is another cache key
+                seeded = {**overrides, "seed": overrides.get("seed", 0) + frames[:i].count(F_)}
+                r = full_edit(editor, F_, args.size, seeded, re_edit=True)
                 r["memory_reserved_gb_after"] = torch.cuda.memory_reserved() / 2**30 if _cuda() else math.nan
                 result.setdefault(key, []).append(r)
                 print(f"{key}:", json.dumps(r), flush=True)

@@ -7,10 +7,10 @@ fixed kernels on fixed buffers, so it needs what both loops already have: one sh
 clip, one t per step), no host sync inside the call, and the same Python decisions at every
 call (processors, injection layers, the skipped zero temporal attention).
 
-- Tuning: :func:`graph_training_call`, torch's ``make_graphed_callables`` over the model call,
-  with the stage's trainables among its inputs, so their gradients come out of the backward
-  graph and autograd accumulates them as usual; loss, clipping and AdamW stay eager (they are
-  a handful of kernels).
+- Tuning: :func:`graph_training_call`, a forward and a backward graph of the model call behind
+  one autograd Function (what torch's ``make_graphed_callables`` does), with the stage's
+  trainables among its inputs, so their gradients come out of the backward graph and autograd
+  accumulates them as usual; loss, clipping and AdamW stay eager (a handful of kernels).
 - Inference: :class:`ForwardGraphs`, one forward graph per kind of call (with or without
   injection), all in one memory pool, built on the call's first use.
 
@@ -20,25 +20,21 @@ the job's processors are installed, and drop it with that block (both loops do).
 
 from __future__ import annotations
 
-import inspect
 import logging
+import threading
 from typing import Callable, Hashable
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# Capture refuses unsafe CUDA calls of this thread only, not of the app's other threads
-# (make_graphed_callables takes the setting from torch 2.12; older ones capture in "global" mode).
-_THREAD_LOCAL = (
-    {"capture_error_mode": "thread_local"}
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {}
-)
 GRAPH_MIN_STEPS = 10  # a loop with fewer calls left than this runs eagerly: capture would cost more than it saves
 # Cache of the cards where a capture failed in this process, keyed by device name: a failed
 # capture can leave CUDA state behind (a private pool, the generator's capture mark), so the
 # process does not try again there; every later call on that card runs eagerly.
 _CAPTURE_FAILED: set[str] = set()
+# Cache of capture streams, keyed by (device name, thread id): see _stream.
+_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
 def capture_failed(device: torch.device) -> bool:
@@ -60,30 +56,91 @@ def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, com
     return device.type == "cuda" and not checkpointing and scaler is None and not compiled and not capture_failed(device)
 
 
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream this thread warms up and captures on, one per (card, thread), made once.
+
+    cuBLAS keeps a workspace per stream for the life of the process: a new stream per capture
+    (as ``make_graphed_callables`` makes) would keep 64 MiB more per graphed job. One capture
+    stream per thread also lets two workers capture on one card at once.
+    """
+    key = (str(device), threading.get_ident())
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
+def _warm_up(fn: Callable[[], object], stream: torch.cuda.Stream, calls: int) -> None:
+    """Run ``fn`` ``calls`` times on ``stream``, off any capture: lazy initialisation (cuBLAS
+    workspaces, attention plans, cuDNN's choices) must not happen inside one."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], trainables: list[torch.Tensor]) -> Callable:
-    """``fn(*args)`` replayed as one CUDA graph forward and one backward (``make_graphed_callables``).
+    """``fn(*args)`` replayed as one CUDA graph forward and one backward.
 
     Call it under the autocast of the eager call, which must have no cast cache. The frozen
-    weights are constants of the graphs; ``trainables`` join the inputs, so the backward graph
-    returns their gradients. Each call copies its arguments into the captured buffers; the
-    output is the graph's own buffer, overwritten by the next call.
+    weights are constants of the graphs; ``trainables`` are inputs of the backward graph, which
+    returns their gradients, and autograd accumulates them as usual. Each call copies its
+    arguments into the captured buffers; the output is the graph's own buffer, overwritten by
+    the next call. (torch's ``make_graphed_callables`` does the same but warms up on a new stream
+    each time, see :func:`_stream`.)
     """
     device = sample_args[0].device
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get a pool of their own
-    # three warm-up calls on the capture's own stream, as torch advises: lazy initialisation
-    # (cuBLAS workspaces, attention plans) must not happen inside the capture
     try:
         with torch.cuda.device(device):  # capture on the model's card, which need not be the current one
-            graphed = torch.cuda.make_graphed_callables(fn, (*sample_args, *trainables), num_warmup_iters=3, **_THREAD_LOCAL)
+            graphed = _capture_training(fn, sample_args, tuple(trainables))
     except RuntimeError as e:
         _record_failure(device, e)
         raise
 
     def call(*args: torch.Tensor) -> torch.Tensor:
         with torch.cuda.device(device):  # replay on the stream of the model's card (backward: autograd's thread for it)
-            return graphed(*args, *trainables)
+            return graphed.apply(*args, *trainables)
 
     return call
+
+
+def _capture_training(fn: Callable, sample_args: tuple[torch.Tensor, ...], trainables: tuple[torch.Tensor, ...]):
+    """The autograd Function that replays ``fn``'s forward graph and its backward graph."""
+    stream = _stream(sample_args[0].device)
+    inputs = tuple(a.detach().clone() for a in sample_args)  # the captured buffers; outside the pool
+
+    def forward_backward() -> None:
+        out = fn(*inputs, *trainables)
+        torch.autograd.grad(out, trainables, torch.empty_like(out), allow_unused=True)
+
+    _warm_up(forward_backward, stream, calls=3)
+    pool = torch.cuda.graph_pool_handle()
+    fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(fwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        output = fn(*inputs, *trainables)
+    grad_output = torch.empty_like(output)
+    with torch.cuda.graph(bwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        grads = torch.autograd.grad(output, trainables, grad_output, allow_unused=True)
+    output = output.detach()  # the forward's autograd graph is not needed again: the backward graph replays it
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args: torch.Tensor) -> torch.Tensor:
+            for buffer, value in zip(inputs, args):  # the trainables are the captured tensors themselves
+                buffer.copy_(value)
+            fwd.replay()
+            return output.detach()  # a new view of the buffer each call: autograd sets its grad_fn
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad: torch.Tensor):
+            grad_output.copy_(grad)
+            bwd.replay()
+            return (*(None for _ in inputs), *(None if g is None else g.detach() for g in grads))
+
+    Graphed.graphs = (fwd, bwd)  # held by the Function, dropped with it
+    return Graphed
 
 
 class ForwardGraphs:
@@ -120,15 +177,13 @@ class ForwardGraphs:
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
         with torch.cuda.device(args[0].device):  # the model's card, which need not be the current one
             inputs = [a.clone() for a in args]  # outside the pool: never reused by a graph's temporaries
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                fn(*inputs)  # warm-up, off the capture
-            torch.cuda.current_stream().wait_stream(side)
+            stream = _stream(args[0].device)
+            with torch.no_grad():
+                _warm_up(lambda: fn(*inputs), stream, calls=1)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 output = fn(*inputs)
         return graph, inputs, output
 

@@ -78,7 +78,7 @@ class TuneConfig:
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, written on a background thread); 0 turns them off
     compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
-    cuda_graphs: bool = False  # opt-in: replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile); docs/PERFORMANCE.md says why it is off
+    cuda_graphs: bool = True  # replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile): same training, less host time
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES

@@ -38,7 +38,7 @@ def test_graphs_do_not_change_the_cache_key():
 
 
 def test_the_loop_autocast_has_no_cast_cache():
-    # make_graphed_callables refuses an autocast with a cast cache; the loop must run without one
+    # a capture under a cast cache would bake in casts made before it, freed when autocast exits
     accelerator = _accelerator("bf16", torch.device("cpu"))
     with accelerator.autocast():
         assert torch.is_autocast_enabled("cpu")
