@@ -34,12 +34,13 @@ import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import logging
 import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -665,44 +666,62 @@ def _collect(history: list[dict], log_fn: LogFn | None) -> LogFn:
     return log
 
 
-def _cpu_copy(obj):
-    """``obj`` with every tensor copied to the CPU: a state the training loop can no longer change."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
 class CheckpointWriter:
     """Writes checkpoints on a background thread while tuning goes on, one at a time, in order.
 
-    Serialising, hashing and writing a checkpoint (about 0.6 GB at SD scale) takes seconds;
-    the copy of the state to the CPU, done before :meth:`submit` returns, takes milliseconds.
-    Each write is atomic (:func:`_save_checkpoint`), so a kill mid-write leaves the previous
-    checkpoint. A failed write raises from the next :meth:`submit` or from :meth:`close`.
+    Serialising, hashing and writing a checkpoint (about 0.6 GB at SD scale) takes seconds, on
+    the writer's thread. :meth:`submit` only queues the copy of the state to the CPU: CUDA
+    tensors go into page-locked buffers, made at the first checkpoint and reused by the later
+    ones, without waiting for the GPU; the writer waits for those copies before it serialises.
+    (Fresh pageable copies made the training thread wait about 0.8 s a checkpoint on an H200,
+    docs/PERFORMANCE.md.) The copies are queued before the next step's kernels, so they hold the
+    state at :meth:`submit`. Each write is atomic (:func:`_save_checkpoint`), so a kill
+    mid-write leaves the previous checkpoint. A failed write raises from the next :meth:`submit`
+    or from :meth:`close`.
     """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pinned: list[torch.Tensor] = []  # the CUDA tensors' CPU copies, in the state's order
 
     def submit(self, checkpoint_dir: str | Path | None, fingerprint: str, **state) -> None:
         if checkpoint_dir is None:
             return
-        self.wait()
-        state = _cpu_copy(state)
+        self.wait()  # the last write is done with the buffers this copy reuses
+        copied: set[torch.device] = set()
+        state = self._cpu_copy(state, itertools.count(), copied)
+        done = [_recorded_event(device) for device in copied]
 
         def write() -> None:
             try:
+                for event in done:  # the copies have landed
+                    event.synchronize()
                 _save_checkpoint(checkpoint_dir, fingerprint, **state)
             except BaseException as err:  # re-raised on the training thread
                 self._error = err
 
         self._thread = threading.Thread(target=write, name="eym-checkpoint", daemon=True)
         self._thread.start()
+
+    def _cpu_copy(self, obj, index: Iterator[int], copied: set[torch.device]):
+        """``obj`` with every tensor copied to the CPU: a state the training loop can no longer change."""
+        if isinstance(obj, torch.Tensor):
+            x = obj.detach()
+            if x.device.type != "cuda":
+                return x.to("cpu", copy=True)
+            i = next(index)
+            if i == len(self._pinned):
+                self._pinned.append(torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
+            elif self._pinned[i].shape != x.shape or self._pinned[i].dtype != x.dtype:
+                self._pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            copied.add(x.device)
+            return self._pinned[i].copy_(x, non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: self._cpu_copy(v, index, copied) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._cpu_copy(v, index, copied) for v in obj)
+        return obj
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; raise its error."""
@@ -714,6 +733,13 @@ class CheckpointWriter:
             raise err
 
     close = wait
+
+
+def _recorded_event(device: torch.device) -> torch.cuda.Event:
+    """An event behind the work queued so far on ``device``'s current stream."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _save_checkpoint(checkpoint_dir: str | Path | None, fingerprint: str, **state) -> None:

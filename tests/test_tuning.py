@@ -351,3 +351,29 @@ def test_checkpoint_writer_writes_in_the_background_in_order(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         writer.close()
     assert tuning._load_checkpoint(tmp_path, "job")["step"] == 2  # the previous one stands
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_checkpoint_of_cuda_tensors_holds_their_values_at_submit(tmp_path):
+    """The copy to the CPU is queued, not waited for: the GPU's next writes must not reach it."""
+    import eym.tuning as tuning
+
+    writer = tuning.CheckpointWriter()
+    live = torch.zeros(1 << 22, device="cuda")
+    busy = torch.randn(4096, 4096, device="cuda")
+    buffers = []
+    for step in (1, 2, 3):
+        for _ in range(30):  # a queue of GPU work, so the copy is still pending at submit's return
+            busy = busy @ busy.T / 4096
+        live.fill_(step)
+        writer.submit(tmp_path, "job", stage=1, step=step, trained={"w": live}, optimizer={"m": live * 2})
+        live.fill_(-1.0)  # queued after the copy: must not reach the checkpoint
+        writer.wait()
+        ckpt = tuning._load_checkpoint(tmp_path, "job")
+        assert ckpt["step"] == step and ckpt["trained"]["w"].device.type == "cpu"
+        assert torch.equal(ckpt["trained"]["w"], torch.full_like(ckpt["trained"]["w"], float(step)))
+        assert torch.equal(ckpt["optimizer"]["m"], torch.full_like(ckpt["optimizer"]["m"], 2.0 * step))
+        buffers.append([b.data_ptr() for b in writer._pinned])
+    assert buffers[0] == buffers[1] == buffers[2] and len(buffers[0]) == 2  # made once, reused
+    assert all(b.is_pinned() for b in writer._pinned)
