@@ -20,9 +20,10 @@ the job's processors are installed, and drop it with that block (both loops do).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import torch
 
@@ -33,8 +34,9 @@ GRAPH_MIN_STEPS = 10  # a loop with fewer calls left than this runs eagerly: cap
 # capture can leave CUDA state behind (a private pool, the generator's capture mark), so the
 # process does not try again there; every later call on that card runs eagerly.
 _CAPTURE_FAILED: set[str] = set()
-# Cache of capture streams, keyed by (device name, thread id): see _stream.
-_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
+# Cache of the capture streams not in use, keyed by device name: see _capture_stream.
+_STREAMS: dict[str, list[torch.cuda.Stream]] = {}
+_STREAMS_LOCK = threading.Lock()
 
 
 def capture_failed(device: torch.device) -> bool:
@@ -56,17 +58,23 @@ def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, com
     return device.type == "cuda" and not checkpointing and scaler is None and not compiled and not capture_failed(device)
 
 
-def _stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream this thread warms up and captures on, one per (card, thread), made once.
+@contextlib.contextmanager
+def _capture_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
+    """A side stream of ``device`` for one warm-up and capture, taken from the cache and given back.
 
     cuBLAS keeps a workspace per stream for the life of the process: a new stream per capture
-    (as ``make_graphed_callables`` makes) would keep 64 MiB more per graphed job. One capture
-    stream per thread also lets two workers capture on one card at once.
+    (as ``make_graphed_callables`` makes) would keep 64 MiB more per graphed job. So streams are
+    reused: the cache holds as many per card as captures ever ran there at once (one per worker
+    at most), and no two concurrent captures share one.
     """
-    key = (str(device), threading.get_ident())
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device)
-    return _STREAMS[key]
+    with _STREAMS_LOCK:
+        free = _STREAMS.setdefault(str(device), [])
+        stream = free.pop() if free else torch.cuda.Stream(device)
+    try:
+        yield stream
+    finally:
+        with _STREAMS_LOCK:
+            free.append(stream)
 
 
 def _warm_up(fn: Callable[[], object], stream: torch.cuda.Stream, calls: int) -> None:
@@ -87,7 +95,7 @@ def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], tra
     returns their gradients, and autograd accumulates them as usual. Each call copies its
     arguments into the captured buffers; the output is the graph's own buffer, overwritten by
     the next call. (torch's ``make_graphed_callables`` does the same but warms up on a new stream
-    each time, see :func:`_stream`.)
+    each time, see :func:`_capture_stream`.)
     """
     device = sample_args[0].device
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get a pool of their own
@@ -107,21 +115,21 @@ def graph_training_call(fn: Callable, sample_args: tuple[torch.Tensor, ...], tra
 
 def _capture_training(fn: Callable, sample_args: tuple[torch.Tensor, ...], trainables: tuple[torch.Tensor, ...]):
     """The autograd Function that replays ``fn``'s forward graph and its backward graph."""
-    stream = _stream(sample_args[0].device)
     inputs = tuple(a.detach().clone() for a in sample_args)  # the captured buffers; outside the pool
 
     def forward_backward() -> None:
         out = fn(*inputs, *trainables)
         torch.autograd.grad(out, trainables, torch.empty_like(out), allow_unused=True)
 
-    _warm_up(forward_backward, stream, calls=3)
     pool = torch.cuda.graph_pool_handle()
     fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(fwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        output = fn(*inputs, *trainables)
-    grad_output = torch.empty_like(output)
-    with torch.cuda.graph(bwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        grads = torch.autograd.grad(output, trainables, grad_output, allow_unused=True)
+    with _capture_stream(sample_args[0].device) as stream:
+        _warm_up(forward_backward, stream, calls=3)
+        with torch.cuda.graph(fwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            output = fn(*inputs, *trainables)
+        grad_output = torch.empty_like(output)
+        with torch.cuda.graph(bwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad(output, trainables, grad_output, allow_unused=True)
     output = output.detach()  # the forward's autograd graph is not needed again: the backward graph replays it
 
     class Graphed(torch.autograd.Function):
@@ -177,14 +185,13 @@ class ForwardGraphs:
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]):
         with torch.cuda.device(args[0].device):  # the model's card, which need not be the current one
             inputs = [a.clone() for a in args]  # outside the pool: never reused by a graph's temporaries
-            stream = _stream(args[0].device)
-            with torch.no_grad():
-                _warm_up(lambda: fn(*inputs), stream, calls=1)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                output = fn(*inputs)
+            with _capture_stream(args[0].device) as stream, torch.no_grad():
+                _warm_up(lambda: fn(*inputs), stream, calls=1)
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                    output = fn(*inputs)
         return graph, inputs, output
 
     def __len__(self) -> int:

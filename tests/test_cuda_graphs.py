@@ -192,3 +192,30 @@ def test_a_failed_capture_runs_eagerly_and_is_not_tried_again_on_that_card(monke
     assert len(attempts) == 1
     assert not can_graph_training(x.device, checkpointing=False, scaler=None, compiled=False)
     assert not graphs_module.capture_failed(torch.device("cuda:7"))
+
+
+def test_capture_streams_are_reused_and_never_shared_by_concurrent_captures(monkeypatch):
+    import eym.graphs as graphs_module
+
+    made = []
+
+    class FakeStream:  # torch.cuda.Stream needs a card; the cache's logic does not
+        def __init__(self, device):
+            made.append(self)
+
+    monkeypatch.setattr(graphs_module.torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(graphs_module, "_STREAMS", {})
+    card = torch.device("cuda:0")
+    for _ in range(5):  # one job after another: one stream, made once
+        with graphs_module._capture_stream(card) as s:
+            first = s
+    assert len(made) == 1 and first is made[0]
+    with graphs_module._capture_stream(card) as a, graphs_module._capture_stream(card) as b:
+        assert a is not b  # two captures at once (two workers) get their own streams
+    assert len(made) == 2
+    with graphs_module._capture_stream(torch.device("cuda:1")) as c:
+        assert c not in (a, b)  # another card, another stream
+    for _ in range(3):
+        with graphs_module._capture_stream(card) as a2, graphs_module._capture_stream(card) as b2:
+            assert {a2, b2} == {a, b}  # both reused: the cache is as large as the most concurrent captures
+    assert len(made) == 3
