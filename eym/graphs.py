@@ -147,8 +147,7 @@ def _capture_training(fn: Callable, sample_args: tuple[torch.Tensor, ...], train
             bwd.replay()
             return (*(None for _ in inputs), *(None if g is None else g.detach() for g in grads))
 
-    Graphed.graphs = (fwd, bwd)  # held by the Function, dropped with it
-    return Graphed
+    return Graphed  # its methods hold the graphs, the buffers and the pool: dropped with it
 
 
 class ForwardGraphs:

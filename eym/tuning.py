@@ -683,7 +683,7 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._pinned: list[torch.Tensor] = []  # the CUDA tensors' CPU copies, in the state's order
+        self._pinned: list[torch.Tensor | None] = []  # the CUDA tensors' CPU copies, in the state's order
 
     def submit(self, checkpoint_dir: str | Path | None, fingerprint: str, **state) -> None:
         if checkpoint_dir is None:
@@ -712,11 +712,12 @@ class CheckpointWriter:
                 return x.to("cpu", copy=True)
             i = next(index)
             if i == len(self._pinned):
-                self._pinned.append(torch.empty(x.shape, dtype=x.dtype, pin_memory=True))
-            elif self._pinned[i].shape != x.shape or self._pinned[i].dtype != x.dtype:
-                self._pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                self._pinned.append(None)
+            buffer = self._pinned[i]
+            if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+                buffer = self._pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             copied.add(x.device)
-            return self._pinned[i].copy_(x, non_blocking=True)
+            return buffer.copy_(x, non_blocking=True)
         if isinstance(obj, dict):
             return {k: self._cpu_copy(v, index, copied) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
