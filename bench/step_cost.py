@@ -26,6 +26,10 @@ autocast, the same optimizer, clip norm and gradient checkpointing setting for e
     sampling, eager and replayed as CUDA graphs (``TuneConfig.cuda_graphs``,
     ``InferConfig.cuda_graphs``), from the same start in the same run, with the first steps'
     cost (capture included) and the difference of losses, updates and sampled latents;
+  * compiled blocks (``--only blocks``): eym's stage 1 and 2, graphed, with and without the
+    UNet's and ControlNet's blocks compiled (``TuneConfig.compile``; ``--blocks "compiled
+    resnets"``: the ResNet blocks only), the first steps' cost (compile and capture), and a
+    second process's first steps on the compile cache the first left warm;
   * optionally whole edits with the defaults of ``eym edit`` (``--full-edit 8 24``), each followed
     by two re-edits of the tuned source with another motion: one reusing the Editor's cached
     inversion, one inverting again.
@@ -35,6 +39,7 @@ Usage (a CUDA machine; a CPU run is a smoke test of the script only):
     python bench/step_cost.py --frames 8 24 --only speedups --json out.json   # the speed-up rows alone
     python bench/step_cost.py --frames 8 24 --only graphs --full-edit 8 --json out.json   # CUDA graphs, whole edit
     python bench/step_cost.py --frames 8 24 --only attention --json out.json   # PyTorch's attention kernel vs cuDNN's
+    python bench/step_cost.py --frames 8 --only blocks --json out.json   # compiled blocks inside the graphs
     python bench/step_cost.py --frames 24 --memcap-gb 24 --memory-only     # a 24 GB card
     python bench/step_cost.py --toy --json out.json    # CPU, tiny model, seconds: tests the script
 """
@@ -345,13 +350,18 @@ SPEEDUP_ROWS = (  # name, lean loop, fused temporal attention, regional compile
 
 
 def stage2_row(comps, data: TuningData, start: dict, warmup: int, steps: int, *, lean: bool, fused: bool, compile_: bool) -> dict:
-    """eym's stage 2 from the same start, timed: s/step after warm-up, the first step, losses, the update."""
+    """eym's stage 2 from the same start, timed: s/step after warm-up, the first step, losses, the update.
+
+    As these rows were first measured: eager (no CUDA graphs), ``compile_`` compiling the
+    temporal attention alone (what ``TuneConfig.compile`` did then)."""
+    from eym.compile import compiled_regions
+
     _assign(comps.unet, start)
-    cfg = TuneConfig(steps1=0, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False, compile=compile_)
+    cfg = TuneConfig(steps1=0, steps2=warmup + steps, checkpoint_every=0, gradient_checkpointing=False, cuda_graphs=False)
     losses: list[float] = []
     timer = PhaseTimer()
     timer.begin()
-    with code_as(lean=lean, fused=fused):
+    with code_as(lean=lean, fused=fused), compiled_regions(comps.unet, enabled=compile_, kinds=(TemporalAttention,)):
         out = train_stage(2, comps.unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
                           log_fn=lambda r: losses.append(r["loss"]), disable=True)
     timer.end()
@@ -391,6 +401,26 @@ def compile_probe(args) -> dict:
     return {"first_step_s": row["first_step_s"], "s_per_step": row["s_per_step"]}
 
 
+def blocks_probe(args) -> dict:
+    """In a fresh process: the first steps of graphed tuning with every block compiled, on the cache the parent left warm."""
+    comps = build_components(args.toy)
+    rows, _ = tuning_graph_rows(comps, args.frames[0], args.size, 3, 3, variants=[(True, b) for b in args.blocks])
+    return {name: {k: row[k] for k in ("setup_s", "first_steps_s", "s_per_step")} for name, row in rows.items()}
+
+
+def run_probe(flags: list[str], F_: int, size: int, toy: bool) -> dict:
+    """Run this script with ``flags`` in a second process sharing this one's caches; its JSON row."""
+    out = Path(tempfile.mkdtemp(prefix="eym-probe-")) / "probe.json"
+    cmd = [sys.executable, __file__, *flags, "--frames", str(F_), "--size", str(size), "--json", str(out)]
+    cmd += ["--toy"] if toy else []
+    start_s = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    row = json.loads(out.read_text()) if done.returncode == 0 else {"error": done.stderr[-600:]}
+    row["process_wall_s"] = time.perf_counter() - start_s
+    print(f"  F={F_} {flags[0][2:]} (second process, warm cache): {json.dumps(row)[:400]}", flush=True)
+    return row
+
+
 def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, probe: bool = True) -> dict:
     """The stage-2 speed-up rows and ``plain`` at one frame count, one run, identical settings."""
     unet = comps.unet
@@ -413,15 +443,7 @@ def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, p
               f"vs first row {json.dumps(row['vs_first_row'])}", flush=True)
     _assign(unet, start)
     if probe:  # a second process on the warm cache: what a restarted Space pays
-        out = Path(tempfile.mkdtemp(prefix="eym-probe-")) / "probe.json"
-        cmd = [sys.executable, __file__, "--compile-probe", "--frames", str(F_), "--size", str(size), "--json", str(out)]
-        cmd += ["--toy"] if toy else []
-        start_s = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        probe_row = json.loads(out.read_text()) if done.returncode == 0 else {"error": done.stderr[-600:]}
-        probe_row["process_wall_s"] = time.perf_counter() - start_s
-        rows["+ regional compile"]["warm_cache_second_process"] = probe_row
-        print(f"  F={F_} compile probe (second process, warm cache): {json.dumps(probe_row)[:300]}", flush=True)
+        rows["+ regional compile"]["warm_cache_second_process"] = run_probe(["--compile-probe"], F_, size, toy)
     rows["plain"] = plain_row(comps, F_, size, warmup, steps)
     for name in rows:
         rows[name]["vs_plain"] = rows[name]["s_per_step"] / rows["plain"]["s_per_step"]
@@ -463,15 +485,36 @@ def attention_kernel(name: str):
         yield
 
 
-GRAPH_VARIANTS = ((False, "auto"), (True, "auto"))  # (CUDA graphs, attention kernel) of --only graphs
+@contextlib.contextmanager
+def variant_option(name: str, comps):
+    """The second half of a variant: an attention kernel (:func:`attention_kernel`), or
+    ``"compiled"``: the UNet's and ControlNet's ResNet and transformer blocks run
+    ``torch.compile``'d as ``TuneConfig.compile`` runs them (``"compiled resnets"``: the ResNet
+    blocks only), captured into the CUDA graphs like eager ones."""
+    if not name.startswith("compiled"):
+        with attention_kernel(name):
+            yield
+        return
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from eym.compile import compiled_regions
+
+    kinds = {"compiled": None, "compiled resnets": (ResnetBlock2D,)}[name]  # None: eym's regions (TuneConfig.compile)
+    with compiled_regions(comps.unet, comps.controlnet, kinds=kinds):
+        yield
+
+
+GRAPH_VARIANTS = ((False, "auto"), (True, "auto"))  # (CUDA graphs, option) of --only graphs
 KERNEL_VARIANTS = ((False, "pytorch"), (False, "cudnn"), (True, "pytorch"), (True, "cudnn"))  # of --only attention
+BLOCK_OPTIONS = ("compiled", "compiled resnets")  # what --only blocks may compile (--blocks picks)
 
 
 def _variant_name(graphs: bool, attention: str) -> str:
     return ("graphed" if graphs else "eager") + ("" if attention == "auto" else f" {attention}")
 
 
-def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int, variants=GRAPH_VARIANTS) -> tuple[dict, dict]:
+def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int, variants=GRAPH_VARIANTS,
+                      stages=(1, 2)) -> tuple[dict, dict]:
     """eym's stage 1 and 2 per (graphs, attention) variant, each from the untrained start; the diffs
     are against the first variant; (rows, stage 2's tensors trained by the last variant)."""
     unet = comps.unet
@@ -479,7 +522,7 @@ def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int, varian
     start = {n: p.detach().clone() for n, p in {**rc_attn_parameters(unet), **temporal_parameters(unet)}.items()}
     data = bench_data(comps, F_, size)
     rows, trained = {}, {}
-    for stage in (1, 2):
+    for stage in stages:
         ref = None
         for graphs, attention in variants:
             _assign(unet, start)
@@ -488,7 +531,7 @@ def tuning_graph_rows(comps, F_: int, size: int, warmup: int, steps: int, varian
             losses: list[float] = []
             timer = PhaseTimer()
             timer.begin()
-            with attention_kernel(attention):
+            with variant_option(attention, comps):
                 out = train_stage(stage, unet, comps.controlnet, comps.scheduler, data, cfg, callback=timer,
                                   log_fn=lambda r: losses.append(r["loss"]), disable=True)
             timer.end()
@@ -540,7 +583,7 @@ def inference_graph_rows(comps, F_: int, size: int, ddim: int, trained: dict, va
                                         num_frames=F_, cuda_graphs=graphs)
                 timer = PhaseTimer()
                 timer.begin()
-                with torch.no_grad(), attention_kernel(attention):
+                with torch.no_grad(), variant_option(attention, comps):
                     z_T = ddim_invert(invert_fn, latents, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)[-1]
                     out = sample_two_branch(branch_fn, z_T, timesteps, scheduler=comps.scheduler, callback=timer, disable=True)
                 timer.end()
@@ -758,14 +801,20 @@ def main(argv=None) -> int:
     p.add_argument("--memcap-gb", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--skip-temporal-alone", action="store_true")
-    p.add_argument("--only", choices=["all", "speedups", "graphs", "attention"], default="all",
+    p.add_argument("--only", choices=["all", "speedups", "graphs", "attention", "blocks"], default="all",
                    help="speedups: only the stage-2 speed-up rows and plain; graphs: only the CUDA-graph rows and plain; "
-                        "attention: the graph rows with PyTorch's attention kernel and with cuDNN's")
+                        "attention: the graph rows with PyTorch's attention kernel and with cuDNN's; "
+                        "blocks: graphed tuning with and without every ResNet and transformer block compiled, "
+                        "and a second process's first steps on the warm compile cache")
+    p.add_argument("--blocks", nargs="+", choices=BLOCK_OPTIONS, default=["compiled"],
+                   help="the compiled variants of --only blocks (all ResNet and transformer blocks, or the ResNet blocks)")
+    p.add_argument("--stages", type=int, nargs="+", choices=[1, 2], default=[1, 2], help="the tuning stages of the graph rows")
     p.add_argument("--ddim", type=int, default=20, help="DDIM steps of the inference rows of --only graphs")
     p.add_argument("--toy", action="store_true", help="CPU, tiny model, 64 px, 4 frames, 2 steps, aot_eager compile: a smoke test")
     p.add_argument("--no-probe", action="store_true", help="skip the second-process warm-cache compile probe")
     p.add_argument("--op-counts", action="store_true", help="ops per stage-2 step (profiler), today vs now vs plain")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)  # the second process itself
+    p.add_argument("--blocks-probe", action="store_true", help=argparse.SUPPRESS)  # the same for --only blocks
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -779,8 +828,8 @@ def main(argv=None) -> int:
             args.frames = [4]
         args.size, args.steps, args.warmup, args.ddim = 64, 2, 1, 4
         args.only, args.op_counts = ("speedups", True) if args.only == "all" else (args.only, False)
-    if args.compile_probe:
-        row = compile_probe(args)
+    if args.compile_probe or args.blocks_probe:
+        row = compile_probe(args) if args.compile_probe else blocks_probe(args)
         args.json.write_text(json.dumps(row))
         return 0
     if args.memcap_gb and _cuda():
@@ -807,10 +856,16 @@ def main(argv=None) -> int:
             save()
             continue
         row = result["rows"].setdefault(F_, {})
-        if args.only in ("graphs", "attention"):
-            variants = GRAPH_VARIANTS if args.only == "graphs" else KERNEL_VARIANTS
-            row["graphs"], trained = tuning_graph_rows(comps, F_, args.size, args.warmup, args.steps, variants)
+        if args.only in ("graphs", "attention", "blocks"):
+            blocks = ((True, "auto"), *((True, b) for b in args.blocks))
+            variants = {"graphs": GRAPH_VARIANTS, "attention": KERNEL_VARIANTS, "blocks": blocks}[args.only]
+            row["graphs"], trained = tuning_graph_rows(comps, F_, args.size, args.warmup, args.steps, variants, args.stages)
             save()
+            if args.only == "blocks":
+                row["compiled_second_process"] = run_probe(["--blocks-probe", "--blocks", *args.blocks], F_, args.size, args.toy)
+                row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
+                save()
+                continue
             row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
             if args.only == "attention":  # the ratio to plain at equal settings: plain with cuDNN's kernel too
                 with attention_kernel("cudnn"):

@@ -49,13 +49,14 @@ def _record_failure(device: torch.device, error: Exception) -> None:
     logger.warning("CUDA graph capture failed on %s; this process runs the model there without graphs: %s", device, error)
 
 
-def can_graph_training(device: torch.device, *, checkpointing: bool, scaler, compiled: bool) -> bool:
+def can_graph_training(device: torch.device, *, checkpointing: bool, scaler) -> bool:
     """Whether a tuning stage can replay its model call (forward and backward) as CUDA graphs.
 
-    Not with gradient checkpointing (it recomputes inside backward), a GradScaler (fp16: its inf
-    check reads the device) or a compiled region (dynamo's guards run on the host).
+    Not with gradient checkpointing (it recomputes inside backward) or a GradScaler (fp16: its
+    inf check reads the device). Compiled regions are captured like eager modules: their
+    guards run at capture, and the replayed shapes, dtypes and processors are the captured ones.
     """
-    return device.type == "cuda" and not checkpointing and scaler is None and not compiled and not capture_failed(device)
+    return device.type == "cuda" and not checkpointing and scaler is None and not capture_failed(device)
 
 
 @contextlib.contextmanager

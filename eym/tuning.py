@@ -78,8 +78,8 @@ class TuneConfig:
     mixed_precision: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none on CPU) | "no" | "fp16" | "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only where the GPU's free memory needs it
     checkpoint_every: int = 100  # steps between resumable checkpoints (each ~0.6 GB at SD scale, written on a background thread); 0 turns them off
-    compile: bool = False  # stage 2 runs the temporal attention torch.compile'd (eym.compile.compiled_regions)
-    cuda_graphs: bool = True  # replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing, no compile): same training, less host time
+    compile: bool = False  # the UNet's and ControlNet's blocks run torch.compile'd (eym.compile): faster steps after minutes of compiling, for long-lived processes
+    cuda_graphs: bool = True  # replay the model call as CUDA graphs where it can be (CUDA, bf16/fp32, no checkpointing): same training, less host time
 
     def __post_init__(self) -> None:
         check_ranges(self)  # types, finiteness and bounds of eym.validate.RANGES
@@ -366,8 +366,7 @@ def train_stage(
             p.requires_grad_(True)
         if device.type == "cuda" and resolve_mixed_precision(config.mixed_precision, device) != "no":
             stack.enter_context(float32_norms(unet, controlnet))  # the frozen ones; exact under CUDA autocast
-        # stage 1 skips the zero, frozen temporal attention: there is nothing to compile then
-        stack.enter_context(compiled_regions(unet, enabled=config.compile and stage == 2))
+        stack.enter_context(compiled_regions(unet, controlnet, enabled=config.compile))
         logger.info("%s: training %d tensors (%d values)", name, len(params), sum(p.numel() for p in params.values()))
         optimizer = _adamw(list(params.values()), config)
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
@@ -391,7 +390,7 @@ def train_stage(
 
         graphs = (
             config.cuda_graphs
-            and can_graph_training(device, checkpointing=checkpointing, scaler=accelerator.scaler, compiled=config.compile)
+            and can_graph_training(device, checkpointing=checkpointing, scaler=accelerator.scaler)
             and total - step > GRAPH_MIN_STEPS
         )
         graphed, first_step = False, step

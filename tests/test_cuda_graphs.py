@@ -20,17 +20,16 @@ CUDA = torch.device("cuda")
 
 
 @pytest.mark.parametrize(
-    "device, checkpointing, scaler, compiled, expected",
+    "device, checkpointing, scaler, expected",
     [
-        (CUDA, False, None, False, True),
-        (torch.device("cpu"), False, None, False, False),
-        (CUDA, True, None, False, False),  # checkpointing recomputes inside backward
-        (CUDA, False, object(), False, False),  # fp16's GradScaler reads the device for infs
-        (CUDA, False, None, True, False),  # dynamo's guards run on the host
+        (CUDA, False, None, True),
+        (torch.device("cpu"), False, None, False),
+        (CUDA, True, None, False),  # checkpointing recomputes inside backward
+        (CUDA, False, object(), False),  # fp16's GradScaler reads the device for infs
     ],
 )
-def test_when_a_stage_may_replay_graphs(device, checkpointing, scaler, compiled, expected):
-    assert can_graph_training(device, checkpointing=checkpointing, scaler=scaler, compiled=compiled) is expected
+def test_when_a_stage_may_replay_graphs(device, checkpointing, scaler, expected):
+    assert can_graph_training(device, checkpointing=checkpointing, scaler=scaler) is expected
 
 
 def test_graphs_do_not_change_the_cache_key():
@@ -190,7 +189,7 @@ def test_a_failed_capture_runs_eagerly_and_is_not_tried_again_on_that_card(monke
     # a later job on the same card (a new ForwardGraphs, a tuning stage) does not try again
     torch.testing.assert_close(ForwardGraphs()("k", lambda a: a + 1, x), x + 1)
     assert len(attempts) == 1
-    assert not can_graph_training(x.device, checkpointing=False, scaler=None, compiled=False)
+    assert not can_graph_training(x.device, checkpointing=False, scaler=None)
     assert not graphs_module.capture_failed(torch.device("cuda:7"))
 
 

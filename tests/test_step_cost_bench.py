@@ -60,3 +60,27 @@ def test_step_cost_toy_graph_rows_run_and_check_themselves(tmp_path):
     assert inference["graphed"]["z_T_rel_diff"] == 0 and inference["graphed"]["sampled_rel_diff"] == 0
     assert inference["eager"]["sampling_s"] > 0
     assert "CUDA graphs: | row |" in done.stdout
+
+
+def test_step_cost_toy_compiled_block_rows_run_and_check_themselves(tmp_path):
+    # the compiled rows (aot_eager on the CPU) against the graphed ones, and the second process
+    # on the warm cache: what --only blocks measures on the GPU
+    out = tmp_path / "blocks.json"
+    env = dict(os.environ, EYM_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "step_cost.py"), "--toy", "--only", "blocks",
+                           "--blocks", "compiled", "compiled resnets", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"]["4"]
+    names = [f"stage{s} graphed{v}" for s in (1, 2) for v in ("", " compiled", " compiled resnets")]
+    assert list(row["graphs"]) == [*names, "plain"]
+    for name in names:
+        if "compiled" in name:  # fp32, the same ops traced: rounding at most
+            assert row["graphs"][name]["max_loss_rel_diff"] < 1e-5, name
+            assert row["graphs"][name]["update_rel_diff"] < 1e-3, name
+    probe = row["compiled_second_process"]
+    assert "error" not in probe, probe
+    assert set(probe) == {"stage1 graphed compiled", "stage1 graphed compiled resnets", "stage2 graphed compiled",
+                          "stage2 graphed compiled resnets", "process_wall_s"}
+    assert "| stage2 graphed compiled |" in done.stdout
