@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +123,15 @@ def timed_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 class BareStep:
     """One training step written plainly: noise, t, ControlNet (no grad), UNet, MSE, clip, AdamW.
 
-    Flags switch on eym's loop pieces one at a time, to see what each costs.
+    Flags switch on eym's loop pieces one at a time, to see what each costs; ``graphed`` replays
+    the model call (ControlNet + UNet) as CUDA graphs from the second step on, captured as eym's
+    tuning captures it (:func:`eym.graphs.graph_training_call`), so the plain step can be timed
+    at the settings of a graphed eym stage.
     """
 
     def __init__(self, unet, controlnet, scheduler, trainables: list[torch.nn.Parameter], num_frames: int, size: int,
                  *, space_time: bool, fused: bool = True, host_rng: bool = False, late_item: bool = False,
-                 use_add_noise: bool = False, use_accelerate: bool = False, seed: int = 0) -> None:
+                 use_add_noise: bool = False, use_accelerate: bool = False, graphed: bool = False, seed: int = 0) -> None:
         dev = next(unet.parameters()).device
         dtype = unet.conv_in.weight.dtype
         h = size // 8
@@ -157,6 +161,18 @@ class BareStep:
         self.amp = torch.bfloat16 if dev.type == "cuda" else torch.float32
         acp = scheduler.alphas_cumprod.to(dev)
         self.sqrt_a, self.sqrt_1ma = acp.sqrt(), (1 - acp).sqrt()
+        self.graphed = graphed and dev.type == "cuda"
+        self.model = self.model_call
+        self.calls = 0
+
+    def model_call(self, x: torch.Tensor, t: torch.Tensor, *trainables: torch.Tensor) -> torch.Tensor:
+        """eps of the noisy frames ``x`` at ``t``; ``trainables`` (unused) let a graph return their gradients."""
+        text = self.emb.repeat_interleave(self.F, dim=0)
+        with torch.no_grad():
+            down, mid = self.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=self.cond, return_dict=False)
+        kwargs = {"cross_attention_kwargs": space_time_kwargs(self.F)} if self.space_time else {}
+        return self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, **kwargs).sample
 
     def close(self) -> None:
         for p in self.params:
@@ -179,14 +195,20 @@ class BareStep:
         else:
             z_t = self.sqrt_a[t].view(1, 1, 1, 1, 1).to(self.z0.dtype) * self.z0 + self.sqrt_1ma[t].view(1, 1, 1, 1, 1).to(self.z0.dtype) * noise
         x = frames_to_batch(z_t)
-        text = self.emb.repeat_interleave(F_, dim=0)
-        autocast = self.accelerator.autocast() if self.accelerator is not None else torch.autocast(self.dev.type, dtype=self.amp, enabled=self.dev.type == "cuda")
-        with autocast:
-            with torch.no_grad():
-                down, mid = self.controlnet(x, t, encoder_hidden_states=text, controlnet_cond=self.cond, return_dict=False)
-            kwargs = {"cross_attention_kwargs": space_time_kwargs(F_)} if self.space_time else {}
-            eps = self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid, **kwargs).sample
+
+        def autocast():  # a graph cannot capture autocast's cast cache (eym's loop runs without one too)
+            if self.accelerator is not None:
+                return self.accelerator.autocast()
+            return torch.autocast(self.dev.type, dtype=self.amp, enabled=self.dev.type == "cuda", cache_enabled=not self.graphed)
+
+        if self.graphed and self.calls == 1:  # after one eager step, whose autograd graph is gone
+            from eym.graphs import graph_training_call
+
+            with autocast():
+                self.model = graph_training_call(self.model_call, (x, t), self.params)
+        self.calls += 1
+        with autocast():
+            eps = self.model(x, t)
         eps = batch_to_frames(eps, F_)
         loss = F.mse_loss(eps.float(), noise.float())
         if self.accelerator is not None:
@@ -450,19 +472,24 @@ def speedups(comps, F_: int, size: int, warmup: int, steps: int, *, toy: bool, p
     return rows
 
 
-def plain_row(comps, F_: int, size: int, warmup: int, steps: int) -> dict:
-    """The bare plain-SD step (2D UNet + ControlNet, attn1 trainable) at the same settings."""
+def plain_row(comps, F_: int, size: int, warmup: int, steps: int, *, graphed: bool = False, option: str = "auto") -> dict:
+    """The bare plain-SD step (2D UNet + ControlNet, attn1 trainable) at the same settings:
+    ``graphed`` as CUDA graphs, ``option`` as in :func:`variant_option` (e.g. blocks compiled)."""
     plain = _plain_unet(comps)
     step = BareStep(plain, comps.controlnet, comps.scheduler, [p for n, p in plain.named_parameters() if ".attn1." in n],
-                    F_, size, space_time=False)
+                    F_, size, space_time=False, graphed=graphed)
     try:
         plain.train()
-        s_step, peak = timed_steps(step, warmup, steps)
+        start = time.perf_counter()
+        with variant_option(option, SimpleNamespace(unet=plain, controlnet=comps.controlnet)):
+            s_step, peak = timed_steps(step, warmup, steps)
+        first_steps = time.perf_counter() - start - steps * s_step
     finally:
         step.close()
         del plain
-    print(f"  F={F_} plain: {s_step:.4f} s/step", flush=True)
-    return {"s_per_step": s_step, "peak_gb": peak}
+    name = "plain" + (" graphed" if graphed else "") + ("" if option == "auto" else f" {option}")
+    print(f"  F={F_} {name}: {s_step:.4f} s/step, first steps {first_steps:.2f} s", flush=True)
+    return {"s_per_step": s_step, "peak_gb": peak, "setup_s": first_steps - warmup * s_step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +891,10 @@ def main(argv=None) -> int:
             if args.only == "blocks":
                 row["compiled_second_process"] = run_probe(["--blocks-probe", "--blocks", *args.blocks], F_, args.size, args.toy)
                 row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
+                # the ratios at equal settings: plain SD graphed, and graphed with its blocks compiled
+                for option in ("auto", *args.blocks):
+                    name = "plain graphed" + ("" if option == "auto" else f" {option}")
+                    row["graphs"][name] = plain_row(comps, F_, args.size, args.warmup, args.steps, graphed=True, option=option)
                 save()
                 continue
             row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
@@ -908,13 +939,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _equal_plain(name: str, rows: dict) -> dict:
+    """The plain row at ``name``'s settings (graphed, the same blocks compiled) where the run has it, else eager plain."""
+    for option in sorted(BLOCK_OPTIONS, key=len, reverse=True):  # "compiled resnets" before "compiled"
+        if name.endswith(f" {option}") and f"plain graphed {option}" in rows:
+            return rows[f"plain graphed {option}"]
+    return rows["plain graphed"] if "graphed" in name and "plain graphed" in rows else rows["plain"]
+
+
 def print_summary(result: dict) -> None:
     print(f"\n{result['device']} | torch {result['torch']} | {result['size']}px | {result['date']}")
     for F_, row in result["rows"].items():
         if "graphs" in row:
-            plain = row["graphs"]["plain"]["s_per_step"]
             print(f"\nF={F_} CUDA graphs: | row | s/step | vs plain | setup s | loss rel diff | update rel diff |\n|---|---|---|---|---|---|")
             for name, r in row["graphs"].items():
+                plain = _equal_plain(name, row["graphs"])["s_per_step"]
                 print(f"| {name} | {r['s_per_step']:.4f} | {r['s_per_step'] / plain:.3f} | {r.get('setup_s', math.nan):.2f} | "
                       f"{r.get('max_loss_rel_diff', math.nan):.2e} | {r.get('update_rel_diff', math.nan):.2e} |")
             for name, r in row.get("inference_graphs", {}).items():
