@@ -86,3 +86,14 @@ def test_step_cost_toy_compiled_block_rows_run_and_check_themselves(tmp_path):
     assert set(probe) == {"stage1 graphed compiled", "stage1 graphed compiled resnets", "stage2 graphed compiled",
                           "stage2 graphed compiled resnets", "process_wall_s"}
     assert "| stage2 graphed compiled |" in done.stdout
+
+
+def test_checkpoint_write_bench_runs_both_writes_and_reads_back(tmp_path):
+    out = tmp_path / "ckpt.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "checkpoint_write.py"), "--mb", "20", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"in memory (before)", "streamed (eym)"}
+    assert all(r["write_s"] > 0 and r["max_stall_ms"] > 0 for r in rows.values())

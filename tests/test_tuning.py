@@ -269,6 +269,28 @@ def test_bit_flipped_checkpoint_is_detected_and_not_resumed(components, tmp_path
     assert again.resumed_from is None and len(again.history) == 4
 
 
+def test_a_streamed_checkpoint_has_the_layout_readers_know_and_a_failed_write_keeps_the_last(tmp_path):
+    """magic, sha256 of the rest, torch.save's bytes: written in one pass, checked independently;
+    a write that fails halfway (here: an object torch.save refuses) leaves the previous file."""
+    import hashlib
+    import io
+
+    from eym import tuning
+
+    state = {"stage": 1, "step": 100, "trained": {"w": torch.arange(6.0).reshape(2, 3)}, "rng": torch.ByteTensor([1, 2])}
+    tuning._save_checkpoint(tmp_path, "job", **state)
+    raw = (tmp_path / tuning.CHECKPOINT).read_bytes()
+    magic, digest, payload = raw[:8], raw[8:40], raw[40:]
+    assert magic == tuning.CHECKPOINT_MAGIC and digest == hashlib.sha256(payload).digest()
+    loaded = torch.load(io.BytesIO(payload), weights_only=True)
+    assert loaded["fingerprint"] == "job" and loaded["step"] == 100
+    torch.testing.assert_close(loaded["trained"]["w"], state["trained"]["w"])
+    with pytest.raises(Exception):
+        tuning._save_checkpoint(tmp_path, "job", **{**state, "step": 200, "bad": lambda: None})
+    assert (tmp_path / tuning.CHECKPOINT).read_bytes() == raw  # the last good checkpoint, whole
+    assert [p.name for p in tmp_path.iterdir()] == [tuning.CHECKPOINT]  # no temporary file left
+
+
 # ---------------------------------------------------------------------------------------------
 # the lean loop: the per-step savings change no bit
 # ---------------------------------------------------------------------------------------------
