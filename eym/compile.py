@@ -31,7 +31,7 @@ from torch import nn
 
 from eym.env import eym_home
 
-__all__ = ["BACKEND", "compiled_regions", "inductor_cache_dir", "region_kinds", "use_persistent_compile_cache"]
+__all__ = ["BACKEND", "compiled_regions", "configure_dynamo", "inductor_cache_dir", "region_kinds", "use_persistent_compile_cache"]
 
 BACKEND = "inductor"  # what compiled_regions uses by default (tests swap in a cheaper one)
 RECOMPILE_LIMIT = 256  # graphs per block class a process may hold: several frame counts and sizes
@@ -60,6 +60,30 @@ def use_persistent_compile_cache() -> Path:
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = True
     return path
+
+
+def configure_dynamo() -> None:
+    """Set, for the process (idempotent, never undone), what compiled blocks need of dynamo.
+
+    Process-wide like the compile cache, not patched per block: two jobs compiling at once on
+    two model copies would otherwise restore each other's settings mid-stage.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    # The blocks of a kind share one code object (their class's forward), whose cache holds one
+    # entry per block configuration, shape, grad mode and set of trained tensors (dozens for SD
+    # 1.5's two stages at one frame count); dynamo's default of 8 would send the rest, or a
+    # process's next frame count, back to eager without a word.
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(RECOMPILE_LIMIT, getattr(config, limit)))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(4 * RECOMPILE_LIMIT, config.accumulated_recompile_limit)
+    # Tuning swaps parameters' storage and dtype in place (``p.data = ...``: fp32 while trained,
+    # float32 norms); by default dynamo skips the tensor guards of a module whose __dict__ did not
+    # change, and would replay a graph built for the old dtype on the new storage.
+    if hasattr(config, "skip_tensor_guards_with_matching_dict_tags"):
+        config.skip_tensor_guards_with_matching_dict_tags = False
 
 
 def region_kinds() -> tuple[type[nn.Module], ...]:
@@ -108,26 +132,9 @@ def compiled_regions(
         How many modules run compiled.
     """
     modules = _regions(models, kinds or region_kinds()) if enabled else []
-    stack = contextlib.ExitStack()
     if modules:
         use_persistent_compile_cache()
-        import torch._dynamo
-
-        # The blocks of a kind share one code object (their class's forward), whose cache holds
-        # one entry per block configuration, shape, grad mode and set of trained tensors (dozens
-        # for SD 1.5's two stages at one frame count); dynamo's default of 8 would send the
-        # rest, or a process's next frame count, back to eager without a word.
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        patch = {limit: max(RECOMPILE_LIMIT, getattr(config, limit))}
-        if hasattr(config, "accumulated_recompile_limit"):
-            patch["accumulated_recompile_limit"] = max(4 * RECOMPILE_LIMIT, config.accumulated_recompile_limit)
-        # Tuning swaps parameters' storage and dtype in place (``p.data = ...``: fp32 while trained,
-        # float32 norms); by default dynamo skips the tensor guards of a module whose __dict__ did
-        # not change, and would replay a graph built for the old dtype on the new storage.
-        if hasattr(config, "skip_tensor_guards_with_matching_dict_tags"):
-            patch["skip_tensor_guards_with_matching_dict_tags"] = False
-        stack.enter_context(config.patch(**patch))
+        configure_dynamo()
     try:
         for module in modules:
             # static shapes: one graph per shape, none of dynamo's "automatic dynamic" second
@@ -139,4 +146,3 @@ def compiled_regions(
             # nn.Module.compile keeps its compiled wrapper here; dropping it restores eager calls.
             # The compiled code stays in dynamo's cache, so the next job with these shapes reuses it.
             module._compiled_call_impl = None
-        stack.close()

@@ -117,13 +117,14 @@ def test_compiled_regions_on_the_tiny_unet_close_and_no_recompile(tiny_bundle, m
 def test_a_parameter_swapped_in_place_is_guarded(monkeypatch):
     """Tuning swaps trained and norm tensors with ``p.data = ...``, which leaves the module's
     __dict__ as it was. With its tensor guards skipped on matching dict tags (dynamo's default),
-    torch 2.11 on the H200 ran stage 1's graph on stage 2's bf16 tensor and faulted; inside the
-    block those guards are on, and a swapped tensor gets a graph of its own."""
+    torch 2.11 on the H200 ran stage 1's graph on stage 2's bf16 tensor and faulted; once blocks
+    are compiled those guards are on (for the process: concurrent jobs must not undo it), and a
+    swapped tensor gets a graph of its own."""
     import torch._dynamo
 
     monkeypatch.setattr(eym.compile, "BACKEND", "aot_eager")
     config = torch._dynamo.config
-    before = config.skip_tensor_guards_with_matching_dict_tags
+    monkeypatch.setattr(config, "skip_tensor_guards_with_matching_dict_tags", True)  # dynamo's default, restored after
     block = torch.nn.Sequential(torch.nn.Linear(8, 8))
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     with compiled_regions(block, kinds=(torch.nn.Linear,)):
@@ -134,7 +135,7 @@ def test_a_parameter_swapped_in_place_is_guarded(monkeypatch):
         weight.data = weight.data.t().contiguous().t()  # same values, another layout
         torch.testing.assert_close(block(x), torch.nn.functional.linear(x, weight, block[0].bias))
         assert _graphs() == graphs + 1  # the guard saw the new tensor and compiled for it
-    assert config.skip_tensor_guards_with_matching_dict_tags is before  # dynamo's setting again after
+    assert config.skip_tensor_guards_with_matching_dict_tags is False  # still, for a job compiling beside this one
 
 
 def test_tune_config_compile_routes_both_stages_through_compiled_regions(tiny_bundle, monkeypatch):
