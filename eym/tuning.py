@@ -673,8 +673,9 @@ class CheckpointWriter:
     the writer's thread. :meth:`submit` only queues the copy of the state to the CPU: CUDA
     tensors go into page-locked buffers, made at the first checkpoint and reused by the later
     ones, without waiting for the GPU; the writer waits for those copies before it serialises,
-    streaming into the file so that the training thread keeps the GIL (docs/PERFORMANCE.md). The copies are queued before the next step's kernels, so they hold the
-    state at :meth:`submit`. Each write is atomic (:func:`_save_checkpoint`), so a kill
+    streaming into the file so that the training thread keeps the GIL (docs/PERFORMANCE.md).
+    The copies are queued before the next step's kernels, so they hold the state at
+    :meth:`submit`. Each write is atomic (:func:`_save_checkpoint`), so a kill
     mid-write leaves the previous checkpoint. A failed write raises from the next :meth:`submit`
     or from :meth:`close`.
     """
