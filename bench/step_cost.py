@@ -487,8 +487,7 @@ def plain_row(comps, F_: int, size: int, warmup: int, steps: int, *, graphed: bo
     finally:
         step.close()
         del plain
-    name = "plain" + (" graphed" if graphed else "") + ("" if option == "auto" else f" {option}")
-    print(f"  F={F_} {name}: {s_step:.4f} s/step, first steps {first_steps:.2f} s", flush=True)
+    print(f"  F={F_} plain {_variant_name(graphed, option)}: {s_step:.4f} s/step, first steps {first_steps:.2f} s", flush=True)
     return {"s_per_step": s_step, "peak_gb": peak, "setup_s": first_steps - warmup * s_step}
 
 
@@ -893,8 +892,8 @@ def main(argv=None) -> int:
                 row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
                 # the ratios at equal settings: plain SD graphed, and graphed with its blocks compiled
                 for option in ("auto", *args.blocks):
-                    name = "plain graphed" + ("" if option == "auto" else f" {option}")
-                    row["graphs"][name] = plain_row(comps, F_, args.size, args.warmup, args.steps, graphed=True, option=option)
+                    row["graphs"][f"plain {_variant_name(True, option)}"] = plain_row(
+                        comps, F_, args.size, args.warmup, args.steps, graphed=True, option=option)
                 save()
                 continue
             row["graphs"]["plain"] = plain_row(comps, F_, args.size, args.warmup, args.steps)
@@ -940,11 +939,8 @@ def main(argv=None) -> int:
 
 
 def _equal_plain(name: str, rows: dict) -> dict:
-    """The plain row at ``name``'s settings (graphed, the same blocks compiled) where the run has it, else eager plain."""
-    for option in sorted(BLOCK_OPTIONS, key=len, reverse=True):  # "compiled resnets" before "compiled"
-        if name.endswith(f" {option}") and f"plain graphed {option}" in rows:
-            return rows[f"plain graphed {option}"]
-    return rows["plain graphed"] if "graphed" in name and "plain graphed" in rows else rows["plain"]
+    """The plain row at ``name``'s settings ("stage1 graphed compiled" -> "plain graphed compiled") where the run has it, else eager plain."""
+    return rows.get("plain " + name.split(" ", 1)[-1], rows["plain"])
 
 
 def print_summary(result: dict) -> None:
